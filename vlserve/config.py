@@ -1,0 +1,223 @@
+"""Configuration read from a checkpoint folder, plus the dtype rule.
+
+Config flows one way: `ModelConfig.from_dir` reads `config.json` once; everything else takes the dataclass.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlserve.errors import ConfigError
+
+VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
+DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    tokens_per_second: float = 2.0
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    torch_dtype: str | None
+    vision: VisionConfig | None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    quantization: dict | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        file = Path(path) / "config.json"
+        if not Path(path).is_dir():
+            raise ConfigError(f"model folder {path} does not exist; pass a folder holding a Hugging Face checkpoint")
+        if not file.is_file():
+            raise ConfigError(f"{file} is missing; a Hugging Face checkpoint folder holds config.json beside its weights")
+        try:
+            raw = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file} must hold a JSON object")
+        return parse_config(raw, str(path), file)
+
+
+def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch not in VL_ARCHITECTURES + TEXT_ARCHITECTURES:
+        known = ", ".join(VL_ARCHITECTURES + TEXT_ARCHITECTURES)
+        raise ConfigError(f"{file}: field 'architectures' is {archs!r}; vlserve serves {known}")
+    # Checkpoints saved by newer transformers nest the text fields under text_config.
+    text = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+    field = _FieldReader(text, file)
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    head_dim = field.int("hidden_size") // max(field.int("num_attention_heads"), 1)
+    mrope = tuple(rope.get("mrope_section") or _default_mrope_section(head_dim))
+    cfg = ModelConfig(
+        path=path,
+        architecture=arch,
+        vocab_size=field.int("vocab_size"),
+        hidden_size=field.int("hidden_size"),
+        intermediate_size=field.int("intermediate_size"),
+        num_hidden_layers=field.int("num_hidden_layers"),
+        num_attention_heads=field.int("num_attention_heads"),
+        num_key_value_heads=field.int("num_key_value_heads", field.int("num_attention_heads")),
+        rms_norm_eps=field.float("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta") or field.float("rope_theta", 1e6)),
+        mrope_section=mrope,
+        max_position_embeddings=field.int("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        vision=_parse_vision(raw.get("vision_config"), file) if arch in VL_ARCHITECTURES else None,
+        image_token_id=int(raw.get("image_token_id", 151655)),
+        video_token_id=int(raw.get("video_token_id", 151656)),
+        vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+        quantization=raw.get("quantization_config"),
+    )
+    _check(cfg, file)
+    return cfg
+
+
+def _default_mrope_section(head_dim: int) -> list[int]:
+    # Text-only checkpoints use plain RoPE; any split works because all three position rows are equal.
+    half = head_dim // 2
+    return [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+
+
+def _parse_vision(raw: Any, file: Path) -> VisionConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: field 'vision_config' is missing; a Qwen2.5-VL checkpoint needs it")
+    field = _FieldReader(raw, file, prefix="vision_config.")
+    return VisionConfig(
+        depth=field.int("depth"),
+        hidden_size=field.int("hidden_size"),
+        intermediate_size=field.int("intermediate_size"),
+        num_heads=field.int("num_heads"),
+        out_hidden_size=field.int("out_hidden_size"),
+        fullatt_block_indexes=tuple(int(i) for i in raw.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        in_channels=field.int("in_chans", field.int("in_channels", 3)),
+        patch_size=field.int("patch_size", 14),
+        temporal_patch_size=field.int("temporal_patch_size", 2),
+        spatial_merge_size=field.int("spatial_merge_size", 2),
+        window_size=field.int("window_size", 112),
+        tokens_per_second=field.float("tokens_per_second", 2.0),
+        hidden_act=str(raw.get("hidden_act", "silu")),
+    )
+
+
+class _FieldReader:
+    """Reads typed fields; a missing or wrong-typed field is an error naming the file and field."""
+
+    def __init__(self, raw: dict, file: Path, prefix: str = ""):
+        self.raw, self.file, self.prefix = raw, file, prefix
+
+    def int(self, name: str, default: int | None = None) -> int:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{self.file}: field '{self.prefix}{name}' must be a positive integer, got {value!r}")
+        return value
+
+    def float(self, name: str, default: float | None = None) -> float:
+        value = self.raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{self.file}: field '{self.prefix}{name}' must be a positive number, got {value!r}")
+        return float(value)
+
+
+def _check(cfg: ModelConfig, file: Path) -> None:
+    def fail(field: str, why: str):
+        raise ConfigError(f"{file}: field '{field}' is inconsistent: {why}")
+
+    if cfg.hidden_size % cfg.num_attention_heads:
+        fail("hidden_size", f"{cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        fail(
+            "num_key_value_heads",
+            f"num_attention_heads {cfg.num_attention_heads} is not a multiple of {cfg.num_key_value_heads}",
+        )
+    if cfg.head_dim % 2 or sum(cfg.mrope_section) * 2 != cfg.head_dim or len(cfg.mrope_section) != 3:
+        fail("rope_scaling.mrope_section", f"{list(cfg.mrope_section)} must be 3 numbers summing to head_dim/2")
+    v = cfg.vision
+    if v is None:
+        return
+    if v.hidden_size % v.num_heads or v.head_dim % 4:
+        fail("vision_config.num_heads", f"hidden_size {v.hidden_size} / {v.num_heads} heads must be a multiple of 4")
+    if v.out_hidden_size != cfg.hidden_size:
+        fail("vision_config.out_hidden_size", f"{v.out_hidden_size} differs from hidden_size {cfg.hidden_size}")
+    if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+        fail("vision_config.fullatt_block_indexes", f"{list(v.fullatt_block_indexes)} must lie in [0, {v.depth})")
+    unit = v.patch_size * v.spatial_merge_size
+    if v.window_size % unit:
+        fail("vision_config.window_size", f"{v.window_size} is not a multiple of patch_size*spatial_merge_size {unit}")
+
+
+DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`auto` = bf16 on compute capability >= 8.0, fp16 below it, fp32 on CPU (the flag is --dtype)."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of auto, float16, bfloat16, float32")
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise ConfigError(
+            f"--dtype bfloat16 needs compute capability >= 8.0, but {torch.cuda.get_device_name(device)} has "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; use --dtype float16 (or auto)"
+        )
+    return dtype

@@ -1,0 +1,1 @@
+"""Process groups and executors for tensor and pipeline parallel."""

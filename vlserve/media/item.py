@@ -1,0 +1,22 @@
+"""One preprocessed image or video, ready for the vision tower."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SPATIAL_MERGE = 2  # 2x2 patches become one language-model token
+
+
+@dataclass
+class MediaItem:
+    modality: Literal["image", "video"]
+    pixel_values: torch.Tensor  # (grid_t * grid_h * grid_w, channels * temporal_patch * patch * patch), float32
+    grid_thw: tuple[int, int, int]
+    content_hash: str  # stable hex digest of the source and the preprocessing that shaped it
+    second_per_grid_t: float = 1.0  # seconds covered by one temporal grid step (videos)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w // (SPATIAL_MERGE * SPATIAL_MERGE)

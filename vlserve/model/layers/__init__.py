@@ -1,0 +1,1 @@
+"""Layers shared by the vision tower and the language model."""

@@ -1,0 +1,78 @@
+"""The Qwen2 language model (as inside Qwen2.5-VL): GQA with qkv bias, M-RoPE, RMSNorm, SwiGLU.
+
+Tokens of all sequences in a step are flattened into one (T, hidden) batch; `AttentionMetadata` says where each
+sequence starts. Tensor parallel: one all-reduce after attention and one after the MLP.
+"""
+
+import torch
+from torch import nn
+
+from vlserve.config import ModelConfig
+from vlserve.model.layers.activation import SiluAndMul
+from vlserve.model.layers.attention import Attention, AttentionMetadata
+from vlserve.model.layers.embedding import VocabParallelEmbedding
+from vlserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vlserve.model.layers.norm import RMSNorm
+from vlserve.model.layers.rotary import MRotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size)
+        self.rotary = MRotaryEmbedding(d, cfg.rope_theta, cfg.mrope_section)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        a = self.attn
+        q, k, v = self.qkv_proj(x).split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim,
+                                          a.num_kv_heads * a.head_dim], dim=-1)
+        q, k = self.rotary(positions, q.view(-1, a.num_heads, a.head_dim), k.view(-1, a.num_kv_heads, a.head_dim))
+        out = self.attn(q, k, v.view(-1, a.num_kv_heads, a.head_dim), meta)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, positions, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = embeds, None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, meta)
+        x, _ = self.norm(x, residual)
+        return x

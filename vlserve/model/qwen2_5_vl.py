@@ -1,0 +1,69 @@
+"""Qwen2.5-VL for generation: the vision tower feeds embeddings into the language model's token stream.
+
+Also serves plain Qwen2 text checkpoints (no vision tower). The forward pass takes flattened tokens plus, for
+the media pad tokens among them, the vision embeddings in order, so a prompt can be split across steps.
+"""
+
+import torch
+from torch import nn
+
+from vlserve.config import ModelConfig
+from vlserve.errors import InvalidRequestError
+from vlserve.media.item import MediaItem
+from vlserve.model.layers.attention import AttentionMetadata
+from vlserve.model.layers.embedding import ParallelLMHead
+from vlserve.model.qwen2 import Qwen2Model
+from vlserve.model.vision import VisionTransformer
+
+
+class Qwen2_5_VLForCausalLM(nn.Module):
+    # checkpoint tensor name part -> (our parameter name part, shard of a merged parameter)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision) if cfg.vision is not None else None
+        self.model = Qwen2Model(cfg)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.media_token_ids = (cfg.image_token_id, cfg.video_token_id)
+
+    def encode_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """Vision embeddings, one (num_tokens, hidden) tensor per item."""
+        if not items:
+            return []
+        if self.visual is None:
+            raise InvalidRequestError(f"{self.cfg.path} is a text-only model; send text without images or videos")
+        device = self.lm_head.weight.device
+        pixels = torch.cat([item.pixel_values for item in items]).to(device)
+        embeds = self.visual(pixels, [item.grid_thw for item in items])
+        return list(embeds.split([item.num_tokens for item in items]))
+
+    def embed(self, input_ids: torch.Tensor, media_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with media pad tokens replaced, in order, by the rows of `media_embeds`."""
+        x = self.model.embed_tokens(input_ids)
+        is_media = (input_ids == self.media_token_ids[0]) | (input_ids == self.media_token_ids[1])
+        n = int(is_media.sum())
+        if n != (0 if media_embeds is None else media_embeds.shape[0]):
+            got = 0 if media_embeds is None else media_embeds.shape[0]
+            raise InvalidRequestError(f"the prompt holds {n} image/video pad tokens but {got} media embeddings "
+                                      "were given; each pad token needs one embedding row")
+        if n:
+            x[is_media] = media_embeds.to(x.dtype)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                media_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns final hidden states (T, hidden); `compute_logits` turns the ones you need into logits."""
+        return self.model(self.embed(input_ids, media_embeds), positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

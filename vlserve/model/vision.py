@@ -1,0 +1,158 @@
+"""Qwen2.5-VL vision tower: patch embedding, window attention with a few full-attention blocks, patch merger.
+
+Runs in data mode (weights whole on every rank) unless given a tensor-parallel `tp`; images are independent,
+so ranks can split them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlserve.config import VisionConfig
+from vlserve.model.layers.activation import SiluAndMul
+from vlserve.model.layers.attention import varlen_attention
+from vlserve.model.layers.linear import (
+    ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, expect_shape, copy_into,
+)
+from vlserve.model.layers.norm import RMSNorm
+from vlserve.model.layers.rotary import VisionRotaryEmbedding, apply_vision_rotary
+
+DATA_MODE = (0, 1)
+FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # activations of the last blocks can overflow fp16
+
+
+@dataclass
+class VisionLayout:
+    """Token order and attention spans for a batch of images/videos, computed once per forward."""
+
+    hw_positions: torch.Tensor  # (N, 2) row/column of each patch, merge groups contiguous
+    window_order: torch.Tensor  # (N/4,) merge groups reordered so each window is contiguous
+    cu_full: list[int]  # one span per frame (full attention)
+    cu_window: list[int]  # one span per window
+
+
+def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> VisionLayout:
+    m = cfg.spatial_merge_size
+    win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens
+    positions, order, cu_full, cu_window, offset = [], [], [0], [0], 0
+    for t, h, w in grid_thw:
+        rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+        cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+        hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
+        positions.append(hw.repeat(t, 1))
+        cu_full.extend(cu_full[-1] + h * w * (i + 1) for i in range(t))
+        gh, gw = h // m, w // m
+        groups = torch.arange(t * gh * gw).view(t, gh, gw)
+        for ti in range(t):
+            for r in range(0, gh, win):
+                for c in range(0, gw, win):
+                    ids = groups[ti, r:r + win, c:c + win].flatten()
+                    order.append(ids + offset)
+                    cu_window.append(cu_window[-1] + ids.numel() * m * m)
+        offset += t * gh * gw
+    return VisionLayout(torch.cat(positions), torch.cat(order), cu_full, cu_window)
+
+
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d with stride == kernel is a linear map over each flattened patch."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.conv_shape = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.patch_dim), requires_grad=False)
+        self.proj.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded, name, shard_id=None):
+        expect_shape(name, loaded, self.conv_shape)
+        copy_into(param, (loaded if isinstance(loaded, torch.Tensor) else loaded[:]).reshape(param.shape))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.linear(pixel_values.to(self.proj.weight.dtype), self.proj.weight)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp):
+        super().__init__()
+        self.qkv = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_heads, bias=True, tp=tp)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True, tp=tp)
+        self.heads, self.head_dim = self.qkv.num_heads, cfg.head_dim
+
+    def forward(self, x, cos, sin, cu_seqlens: list[int]):
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        q, k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=self.head_dim**-0.5)
+        return self.proj(out.flatten(1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=True, tp=tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True, tp=tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size)
+        self.norm2 = RMSNorm(cfg.hidden_size)
+        self.attn = VisionAttention(cfg, tp)
+        self.mlp = VisionMLP(cfg, tp)
+
+    def forward(self, x, cos, sin, cu_seqlens):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        x = x + self.mlp(self.norm2(x))
+        if x.dtype == torch.float16:
+            x = x.clamp(-FP16_LIMIT, FP16_LIMIT)
+        return x
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm, then each 2x2 group of patches (concatenated) through a GELU MLP into the LM's hidden size."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size)
+        self.mlp = nn.ModuleDict({
+            "0": ColumnParallelLinear(self.merged, self.merged, bias=True, tp=DATA_MODE),
+            "2": ColumnParallelLinear(self.merged, cfg.out_hidden_size, bias=True, tp=DATA_MODE),
+        })
+
+    def forward(self, x):
+        x = self.ln_q(x).view(-1, self.merged)
+        return self.mlp["2"](F.gelu(self.mlp["0"](x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp: tuple[int, int] = DATA_MODE):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.rotary = VisionRotaryEmbedding(cfg.head_dim)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, tp) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        """pixel_values: (N, patch_dim) for all items; returns (N / 4, out_hidden) in the items' order."""
+        layout = vision_layout(grid_thw, self.cfg)
+        unit = self.cfg.spatial_merge_size**2
+        device = pixel_values.device
+        order = layout.window_order.to(device)
+        x = self.patch_embed(pixel_values)
+        x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
+        cos, sin = self.rotary.cos_sin(layout.hw_positions.to(device))
+        cos = cos.view(-1, unit, cos.shape[-1])[order].flatten(0, 1)
+        sin = sin.view(-1, unit, sin.shape[-1])[order].flatten(0, 1)
+        full = set(self.cfg.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layout.cu_full if i in full else layout.cu_window)
+        merged = self.merger(x)
+        return merged[torch.argsort(order)]
