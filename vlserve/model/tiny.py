@@ -74,7 +74,8 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
 
 def tiny_config(spec: TinySpec) -> dict:
     if spec.num_attention_heads % spec.num_key_value_heads:
-        raise ConfigError("make-tiny: --heads must be a multiple of --kv-heads")
+        raise ConfigError(f"--heads {spec.num_attention_heads} must be a multiple of "
+                          f"--kv-heads {spec.num_key_value_heads}")
     head_dim = spec.hidden_size // spec.num_attention_heads
     t = (head_dim // 2) * 3 // 8  # the real 16/24/24 split of 64 rotary pairs, scaled down
     raw = {

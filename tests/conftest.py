@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-weight checkpoints, built once per test session."""
+
+import pytest
+
+from vlserve.model.tiny import TinySpec, make_tiny
+
+# Two shapes: GQA 2:1 untied in one file; GQA 6:1, tied embeddings, deeper vision tower, three shards.
+SPECS = {
+    "tiny": TinySpec(),
+    "tiny_sharded": TinySpec(hidden_size=96, num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True,
+                             vision_depth=6, vision_hidden_size=48, vision_heads=3, fullatt_block_indexes=(2, 5),
+                             num_hidden_layers=3, shards=3, seed=1),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"), SPECS["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_sharded"), SPECS["tiny_sharded"])
+
+
+@pytest.fixture(scope="session", params=sorted(SPECS))
+def any_ckpt(request):
+    """Runs a test once per checkpoint shape."""
+    return request.getfixturevalue(f"{request.param}_ckpt")

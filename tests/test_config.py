@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from vlserve.config import ModelConfig, resolve_dtype
+from vlserve.errors import ConfigError
+from vlserve.model.tiny import TinySpec, tiny_config
+
+# The published 7B config.json (flat text fields, nested vision_config), trimmed of unused keys.
+QWEN25_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 3584, "intermediate_size": 18944,
+    "max_position_embeddings": 128000, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 152064, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                      "tokens_per_second": 2, "temporal_patch_size": 2},
+}
+
+
+def write(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_reads_published_7b_layout(tmp_path):
+    cfg = ModelConfig.from_dir(write(tmp_path, QWEN25_VL_7B))
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.mrope_section) == (128, 4, (16, 24, 24))
+    assert cfg.vision.head_dim == 80 and cfg.vision.patch_dim == 1176 and cfg.vision.fullatt_block_indexes[-1] == 31
+
+
+def test_reads_nested_text_config(tmp_path):
+    raw = {k: v for k, v in QWEN25_VL_7B.items() if k in ("architectures", "vision_config")}
+    raw["text_config"] = {k: v for k, v in QWEN25_VL_7B.items() if k not in raw}
+    cfg = ModelConfig.from_dir(write(tmp_path, raw))
+    assert cfg.hidden_size == 3584 and cfg.num_hidden_layers == 28
+
+
+def test_reads_text_only_qwen2(tmp_path):
+    cfg = ModelConfig.from_dir(write(tmp_path, tiny_config(TinySpec(text_only=True))))
+    assert cfg.vision is None and not cfg.is_multimodal and sum(cfg.mrope_section) * 2 == cfg.head_dim
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        ModelConfig.from_dir(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="config.json is missing"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_invalid_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+    ({"hidden_size": "big"}, "hidden_size"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"num_key_value_heads": 5}, "num_key_value_heads"),
+    ({"hidden_size": 3585}, "hidden_size"),
+    ({"rope_scaling": {"mrope_section": [16, 24, 25]}}, "mrope_section"),
+    ({"vision_config": None}, "vision_config"),
+    ({"vision_config": {**QWEN25_VL_7B["vision_config"], "out_hidden_size": 2048}}, "vision_config.out_hidden_size"),
+    ({"vision_config": {**QWEN25_VL_7B["vision_config"], "num_heads": 7}}, "vision_config.num_heads"),
+    ({"vision_config": {**QWEN25_VL_7B["vision_config"], "depth": -1}}, "vision_config.depth"),
+    ({"vision_config": {**QWEN25_VL_7B["vision_config"], "fullatt_block_indexes": [40]}},
+     "vision_config.fullatt_block_indexes"),
+])
+def test_inconsistent_fields_name_file_and_field(tmp_path, change, field):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dir(write(tmp_path, {**QWEN25_VL_7B, **change}))
+    assert "config.json" in str(e.value) and field in str(e.value)
+
+
+def test_dtype_rules():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("half", "cpu") == torch.float16
+    with pytest.raises(ConfigError, match="--dtype"):
+        resolve_dtype("int8", "cpu")

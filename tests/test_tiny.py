@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+from vlserve.cli import main
+from vlserve.config import ModelConfig
+
+
+def test_transformers_loads_tiny_checkpoints(any_ckpt):
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(any_ckpt, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    cfg = ModelConfig.from_dir(any_ckpt)
+    assert model.config.text_config.num_key_value_heads == cfg.num_key_value_heads
+
+
+def test_tokenizer_and_chat_template(tiny_ckpt):
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|image_pad|>", "<|video_pad|>"]) == [151645, 151655, 151656]
+
+
+def test_cli_options_seed_and_shards(tmp_path):
+    args = ["--layers", "3", "--kv-heads", "1", "--tie-word-embeddings", "--vision-depth", "8",
+            "--fullatt-blocks", "3,7", "--shards", "2", "--seed", "7"]
+    assert main(["make-tiny", str(tmp_path / "a"), *args]) == 0
+    assert main(["make-tiny", str(tmp_path / "b"), *args]) == 0
+    cfg = ModelConfig.from_dir(tmp_path / "a")
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (3, 1, True)
+    assert cfg.vision.depth == 8 and cfg.vision.fullatt_block_indexes == (3, 7)
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2 and "lm_head.weight" not in index["weight_map"]
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()  # same seed, same bytes
+
+
+def test_text_only_checkpoint(tmp_path):
+    assert main(["make-tiny", str(tmp_path), "--text-only"]) == 0
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.architectures == ["Qwen2ForCausalLM"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "4", "--kv-heads", "3"], "--kv-heads"),
+    (["--fullatt-blocks", "1,x"], "--fullatt-blocks"),
+    (["--fullatt-blocks", "9"], "fullatt_block_indexes"),
+])
+def test_cli_bad_options(tmp_path, capsys, args, message):
+    assert main(["make-tiny", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
