@@ -6,6 +6,7 @@ from typing import Any
 from vlserve.errors import MediaError
 
 PATCH_FACTOR = 28  # patch 14 x merge 2: image sides are multiples of this
+SERVER_LIMITS = ("max_source_pixels", "max_aspect_ratio")  # guards a request must not loosen
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,11 @@ class MediaOptions:
         known = {f.name: f.type for f in fields(self)}
         clean = {}
         for key, value in overrides.items():
+            if key in SERVER_LIMITS:
+                raise MediaError(f"mm_processor_kwargs key {key!r} is a server limit and cannot be set per request")
             if key not in known:
-                raise MediaError(
-                    f"unknown mm_processor_kwargs key {key!r}; known keys: {', '.join(sorted(known))}"
-                )
+                allowed = sorted(set(known) - set(SERVER_LIMITS))
+                raise MediaError(f"unknown mm_processor_kwargs key {key!r}; known keys: {', '.join(allowed)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise MediaError(f"mm_processor_kwargs[{key!r}] must be a positive number, got {value!r}")
             clean[key] = float(value) if known[key] in (float, "float") else int(value)

@@ -1,0 +1,46 @@
+"""One forward pass of Qwen2.5-VL over an image and a question; prints the most likely next tokens.
+
+usage: python examples/forward.py MODEL_DIR [IMAGE_PATH]
+(`vlserve make-tiny DIR` writes a random-weight checkpoint: its guesses are noise, but every stage runs.)
+"""
+
+import os
+import sys
+
+import torch
+from PIL import Image
+
+from vlserve.config import ModelConfig, resolve_dtype
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.options import MediaOptions
+from vlserve.media.positions import mrope_positions
+from vlserve.media.template import build_chat_prompt, load_chat_media, load_tokenizer
+from vlserve.model.layers.attention import AttentionMetadata
+from vlserve.model.loader import load_model
+
+model_dir = sys.argv[1]
+image = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else Image.radial_gradient("L").convert("RGB")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+cfg = ModelConfig.from_dir(model_dir)
+model = load_model(cfg, resolve_dtype("auto", device), device)
+tokenizer = load_tokenizer(model_dir)
+
+messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "What is in this picture?"}]}]
+policy = MediaPolicy(allowed_local_media_path=os.path.dirname(image) if isinstance(image, str) else None)
+media = load_chat_media(messages, policy, MediaOptions(), cfg)
+prompt = build_chat_prompt(tokenizer, cfg, messages, media)
+positions, rope_delta = mrope_positions(prompt.token_ids, prompt.media, cfg)
+
+with torch.no_grad():
+    media_embeds = torch.cat(model.encode_media(prompt.media))
+    ids = torch.tensor(prompt.token_ids, device=device)
+    meta = AttentionMetadata.from_lengths([len(prompt.token_ids)])
+    hidden = model(ids, positions.to(device), meta, media_embeds)
+    probs = model.compute_logits(hidden[-1:])[0].softmax(-1)
+
+print(f"{len(prompt.token_ids)} prompt tokens, {media[0].num_tokens} of them for the "
+      f"{media[0].grid_thw} image grid; rope_delta {rope_delta}; device {device}")
+for p, token in zip(*probs.topk(5)):
+    print(f"  {tokenizer.decode([int(token)])!r:>16}  {p.item():.4f}")

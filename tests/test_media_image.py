@@ -1,0 +1,281 @@
+"""Image preprocessing equals transformers' Qwen2VLImageProcessorPil bit for bit (max abs diff 0.0, not just
+<= 1e-5), and bad images fail with typed errors that say what to change."""
+
+import base64
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.image_transforms import normalize, rescale
+from transformers.image_utils import ChannelDimension
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.image import (
+    CLIP_MEAN,
+    CLIP_STD,
+    load_image,
+    normalize_patches,
+    open_image,
+    patchify,
+    process_image,
+    smart_resize,
+)
+from vlserve.media.options import MediaOptions
+
+DEFAULTS = MediaOptions()
+
+
+def reference(min_pixels: int = DEFAULTS.min_pixels, max_pixels: int = DEFAULTS.max_pixels):
+    return Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return reference()
+
+
+def noise(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    # noise is the hardest case for bicubic rounding and clipping: every value, every edge
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def assert_same_as(item, image: Image.Image, processor) -> None:
+    out = processor(images=image, return_tensors="np")
+    assert item.modality == "image"
+    assert item.grid_thw == tuple(int(v) for v in out["image_grid_thw"][0])
+    assert item.pixel_values.dtype == torch.float32
+    np.testing.assert_array_equal(item.pixel_values.numpy(), out["pixel_values"])  # exact: tolerance 0.0
+
+
+@pytest.mark.parametrize(
+    "width,height",
+    [(28, 28), (10, 10), (56, 28), (640, 480), (333, 777), (1280, 720), (28, 5000), (3000, 20)],
+)
+def test_rgb_sizes_equal_transformers(hf, width, height):
+    image = Image.fromarray(noise(width, height))
+    assert_same_as(process_image(image, DEFAULTS), image, hf)
+
+
+def test_4000x3000_equals_transformers(hf):
+    image = Image.fromarray(noise(4000, 3000))
+    item = process_image(image, DEFAULTS)
+    assert item.grid_thw == (1, 2996 // 14, 4004 // 14)
+    assert_same_as(item, image, hf)
+
+
+def rgba_with_transparency() -> Image.Image:
+    pixels = noise(97, 61, channels=4)
+    pixels[..., 3] = np.linspace(0, 255, 97, dtype=np.uint8)[None, :]  # every alpha from clear to opaque
+    pixels[:10, :, 3] = 0
+    return Image.fromarray(pixels, "RGBA")
+
+
+def palette_with_transparency() -> Image.Image:
+    image = Image.fromarray(noise(90, 50)).quantize(16)
+    return Image.open(io.BytesIO(encode(image, transparency=3)))
+
+
+def rgb_with_transparent_colour() -> Image.Image:
+    pixels = noise(80, 60)
+    pixels[20:40, 10:50] = (10, 20, 30)
+    return Image.open(io.BytesIO(encode(Image.fromarray(pixels), transparency=(10, 20, 30))))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        rgba_with_transparency,
+        rgb_with_transparent_colour,
+        lambda: Image.fromarray(noise(75, 40, channels=2), "LA"),
+        lambda: Image.fromarray(noise(75, 40, channels=1), "L"),
+        lambda: Image.fromarray(noise(90, 50)).quantize(64),
+        palette_with_transparency,
+        lambda: Image.fromarray(noise(64, 64, channels=1) > 127),
+    ],
+    ids=["RGBA", "RGB+transparency", "LA", "L", "P", "P+transparency", "1"],
+)
+def test_modes_equal_transformers(hf, make):
+    image = make()
+    data = encode(image)
+    # bytes through our decoder, and the decoded PIL image as given; transformers gets the PIL image
+    assert_same_as(process_image(data, DEFAULTS), Image.open(io.BytesIO(data)), hf)
+    assert_same_as(process_image(image, DEFAULTS), image, hf)
+
+
+def test_rgba_transparent_pixels_become_white():
+    pixels = np.zeros((28, 28, 4), np.uint8)  # fully transparent black
+    item = process_image(Image.fromarray(pixels, "RGBA"), DEFAULTS)
+    white = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    channels = item.pixel_values.view(-1, 3, 2 * 14 * 14)
+    torch.testing.assert_close(channels, white.view(1, 3, 1).expand_as(channels))
+
+
+def test_jpeg_bytes_equal_transformers(hf):
+    data = encode(Image.fromarray(noise(300, 200)), "JPEG", quality=90)
+    assert_same_as(process_image(data, DEFAULTS), Image.open(io.BytesIO(data)), hf)
+
+
+@pytest.mark.parametrize(
+    "width,height,min_pixels,max_pixels",
+    [(1280, 720, 256 * 28 * 28, 512 * 28 * 28), (50, 100, 128 * 28 * 28, 16384 * 28 * 28), (500, 300, 784, 784)],
+)
+def test_custom_min_max_pixels_equal_transformers(width, height, min_pixels, max_pixels):
+    options = DEFAULTS.updated({"min_pixels": min_pixels, "max_pixels": max_pixels})
+    image = Image.fromarray(noise(width, height))
+    assert_same_as(process_image(image, options), image, reference(min_pixels, max_pixels))
+
+
+def test_normalize_is_bit_exact_for_every_value_and_channel():
+    values = np.tile(np.arange(256, dtype=np.uint8), 3)  # (C=3, 256) flattened, channel-major like patches
+    ours = normalize_patches(values.reshape(1, -1)).numpy().reshape(3, 16, 16)
+    chw = values.reshape(3, 16, 16)
+    ref = normalize(
+        rescale(chw, 1 / 255, input_data_format=ChannelDimension.FIRST),
+        CLIP_MEAN,
+        CLIP_STD,
+        input_data_format=ChannelDimension.FIRST,
+    )
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_patchify_layout_matches_transformers(hf):
+    frame = np.random.default_rng(1).standard_normal((3, 56, 84), dtype=np.float32)
+    ours, grid = patchify(np.broadcast_to(frame, (2, *frame.shape)))
+    ref, gh, gw = hf.patchify(frame, patch_size=14, merge_size=2, temporal_patch_size=2)
+    assert grid == (1, gh, gw) == (1, 4, 6)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_patchify_video_frames_group_in_time():
+    frames = np.random.default_rng(2).integers(0, 256, (4, 3, 28, 56), dtype=np.uint8)
+    patches, grid = patchify(frames)
+    assert grid == (2, 2, 4) and patches.shape == (16, 3 * 2 * 14 * 14)
+    np.testing.assert_array_equal(patches[8:], patchify(frames[2:])[0])  # second time step = frames 2, 3
+    first = patches[1].reshape(3, 2, 14, 14)  # merge group (0, 0): patch (row 0, col 1)
+    np.testing.assert_array_equal(first, frames[:2, :, :14, 14:28].transpose(1, 0, 2, 3))
+    with pytest.raises(ValueError, match="multiple"):
+        patchify(frames[:3])
+
+
+@pytest.mark.parametrize(
+    "height,width,min_pixels,max_pixels,expected",
+    [
+        (720, 1280, 3136, 12845056, (728, 1288)),
+        (28, 28, 3136, 12845056, (56, 56)),
+        (4, 4, 3136, 12845056, (56, 56)),
+        (3000, 4000, 3136, 12845056, (2996, 4004)),
+        (10000, 10000, 3136, 12845056, (3556, 3556)),
+        (5000, 28, 3136, 12845056, (5012, 28)),
+        (20, 3000, 3136, 12845056, (28, 2996)),
+        (1, 200, 3136, 12845056, (28, 812)),
+        (720, 1280, 256 * 28 * 28, 512 * 28 * 28, (448, 840)),
+        (100, 50, 128 * 28 * 28, 16384 * 28 * 28, (448, 224)),
+    ],
+)
+def test_smart_resize_table(height, width, min_pixels, max_pixels, expected):
+    assert smart_resize(height, width, min_pixels, max_pixels) == expected
+    assert hf_smart_resize(height, width, 28, min_pixels, max_pixels) == expected
+
+
+def test_smart_resize_sweep_equals_transformers():
+    rng = np.random.default_rng(3)
+    for height, width in rng.integers(1, 6000, (500, 2)):
+        height, width = int(height), int(width)
+        if max(height, width) / min(height, width) <= 200:
+            assert smart_resize(height, width, 3136, 12845056) == hf_smart_resize(height, width, 28, 3136, 12845056)
+
+
+def test_aspect_ratio_over_limit():
+    with pytest.raises(MediaError, match="max_aspect_ratio") as err:
+        smart_resize(10, 2010, 3136, 12845056)
+    assert "crop or pad" in str(err.value)
+    with pytest.raises(MediaError, match="max_aspect_ratio"):
+        process_image(encode(Image.new("RGB", (4020, 20))), DEFAULTS)
+
+
+def test_content_hash_depends_on_picture_and_resized_size():
+    data = encode(Image.fromarray(noise(300, 200)))
+    same = process_image(data, DEFAULTS).content_hash
+    assert same == process_image(data, DEFAULTS).content_hash
+    assert same != process_image(data, DEFAULTS.updated({"max_pixels": 50 * 28 * 28})).content_hash
+    assert same != process_image(encode(Image.fromarray(noise(300, 200, seed=9))), DEFAULTS).content_hash
+    image = Image.fromarray(noise(300, 200))
+    assert process_image(image, DEFAULTS).content_hash == process_image(image.copy(), DEFAULTS).content_hash
+    assert process_image(image, DEFAULTS, source_hash="x").content_hash != same
+
+
+def test_load_image_from_data_url_and_local_file(tmp_path, hf):
+    image = Image.fromarray(noise(120, 90))
+    data = encode(image)
+    (tmp_path / "a.png").write_bytes(data)
+    policy = MediaPolicy(allowed_local_media_path=str(tmp_path))
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    from_url = load_image(url, policy, DEFAULTS)
+    from_file = load_image(str(tmp_path / "a.png"), policy, DEFAULTS)
+    assert from_url.content_hash == from_file.content_hash == load_image(data, policy, DEFAULTS).content_hash
+    assert_same_as(from_file, image, hf)
+    assert_same_as(load_image(image, policy, DEFAULTS), image, hf)
+
+
+# ---- bad input
+
+
+def test_corrupt_image_bytes():
+    data = encode(Image.fromarray(noise(200, 200)))
+    with pytest.raises(MediaError, match="send an intact image file"):
+        open_image(data[: len(data) // 2], DEFAULTS)  # truncated PNG
+    with pytest.raises(MediaError, match="send an intact image file"):
+        open_image(data[:100] + bytes(len(data) - 100), DEFAULTS)  # zeroed body
+
+
+@pytest.mark.parametrize("data", [b"just some text\n" * 10, b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", b""])
+def test_unsupported_format(data):
+    with pytest.raises(MediaError, match="not in a supported format; send one of: JPEG, .*PNG") as err:
+        process_image(data, DEFAULTS)
+    assert not isinstance(err.value, MediaTooLargeError)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims width x height: decoding it would allocate width*height*3 bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_before_decoding():
+    data = png_header_only(30000, 30000)  # over Pillow's own limit too
+    assert len(data) < 200
+    start = time.perf_counter()
+    with pytest.raises(MediaTooLargeError, match="Downscale it before sending"):
+        open_image(data, DEFAULTS)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_source_pixel_limit_checked_from_header():
+    data = png_header_only(9000, 9000)  # 81 M pixels: over max_source_pixels (67 M), under Pillow's limit
+    start = time.perf_counter()
+    with pytest.raises(MediaTooLargeError, match=r"9000x9000 .* \(max_source_pixels\); downscale it"):
+        process_image(data, DEFAULTS)
+    with pytest.raises(MediaTooLargeError, match="max_source_pixels"):
+        open_image(encode(Image.new("RGB", (2000, 1000))), MediaOptions(max_source_pixels=1000 * 1000))
+    assert time.perf_counter() - start < 0.5

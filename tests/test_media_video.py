@@ -1,0 +1,250 @@
+"""Video preprocessing follows qwen-vl-utils (frame counts, indices, pixel budgets, sample fps) on videos that
+PyAV really encodes and decodes; bad videos fail with typed errors that say what to change."""
+
+import io
+from dataclasses import replace
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from media_samples import frame_data_offset, make_audio_only_bytes, make_video_bytes, moving_pattern, solid_colours
+from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.media import video
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.image import CLIP_MEAN, CLIP_STD, process_image
+from vlserve.media.options import MediaOptions
+from vlserve.media.video import frame_indices, frame_max_pixels, load_video, process_video, smart_nframes
+
+DEFAULTS = MediaOptions()
+SMALL = MediaOptions(video_min_pixels=4 * 28 * 28)  # keeps tiny test frames tiny
+
+
+GREY_STEP = 6  # far above codec rounding (+-2), small enough for 42 frames
+
+
+def grey_ramp(frames: int):
+    """Frame i is grey level GREY_STEP*i: the sampled frame indices can be read back from the pixels."""
+    return solid_colours([(GREY_STEP * i,) * 3 for i in range(frames)])
+
+
+def sampled_indices(item) -> list[int]:
+    return np.round(np.array(frame_levels(item)) / GREY_STEP).astype(int).tolist()
+
+
+def frame_levels(item) -> list[float]:
+    """Red channel (0..255) of each sampled frame, in order, read from the first patch of each temporal step."""
+    t, h, w = item.grid_thw
+    patches = item.pixel_values.view(t, h * w, 3, 2, -1)[:, 0, 0, :, 0]  # (grid_t, temporal slot)
+    return (patches * CLIP_STD[0] + CLIP_MEAN[0]).mul(255).flatten().tolist()
+
+
+# --- frame counts -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "total, video_fps, overrides, expected",
+    [
+        (30, 10, {}, 6),  # 3 s at 2 fps
+        (25, 10, {}, 4),  # 5 wanted: odd counts floor to even (qwen-vl-utils 0.0.14)
+        (35, 10, {}, 6),  # 7 wanted -> 6
+        (10, 30, {}, 4),  # 0.33 s: raised to min_frames
+        (3, 30, {}, 2),  # shorter than min_frames: every frame it has, made even
+        (30_000, 30, {}, 768),  # 1000 s: capped at max_frames
+        (30_000, 30, {"max_frames": 9}, 8),  # max_frames floors to even
+        (20, 10, {"min_frames": 5}, 6),  # min_frames ceils to even
+        (40, 4, {"fps": 1.0}, 10),
+        (40, 4, {"fps": 0.1}, 4),
+    ],
+)
+def test_smart_nframes(total, video_fps, overrides, expected):
+    assert smart_nframes(total, video_fps, DEFAULTS.updated(overrides)) == expected
+
+
+def test_smart_nframes_refuses_fewer_than_two_frames():
+    with pytest.raises(MediaError, match="send a longer video, or send a single frame as an image"):
+        smart_nframes(1, 30, DEFAULTS)
+    with pytest.raises(MediaError, match="mm_processor_kwargs max_frames is 1; it must be at least 2"):
+        smart_nframes(100, 30, DEFAULTS.updated({"max_frames": 1, "min_frames": 1}))
+
+
+def test_frame_indices_are_evenly_spaced_with_both_ends():
+    assert frame_indices(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert frame_indices(4, 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "frames, fps, overrides, nframes",
+    [(30, 10, {}, 6), (9, 5, {}, 4), (3, 3, {}, 2), (40, 4, {"fps": 1.0}, 10), (30, 10, {"max_frames": 4}, 4)],
+)
+def test_decoded_video_samples_the_expected_frames(frames, fps, overrides, nframes):
+    item = process_video(make_video_bytes(56, 56, frames, fps, paint=grey_ramp(frames)), SMALL.updated(overrides))
+    assert item.grid_thw[0] == nframes // 2
+    assert sampled_indices(item) == frame_indices(frames, nframes)
+
+
+def test_frame_count_missing_from_container_is_counted():
+    # Matroska stores no frame count: the packets are counted instead
+    data = make_video_bytes(56, 56, 30, 10, container="matroska", paint=grey_ramp(30))
+    assert av.open(io.BytesIO(data)).streams.video[0].frames == 0
+    item = process_video(data, SMALL)
+    assert item.grid_thw[0] == 3 and item.second_per_grid_t == pytest.approx(1.0)
+
+
+def test_wrong_frame_count_is_corrected_by_decoding():
+    # a faststart mp4 cut short still promises 30 frames; only 29 decode
+    data = make_video_bytes(56, 56, 30, 10, paint=grey_ramp(30), faststart=True)
+    cut = data[: len(data) - 20]
+    assert av.open(io.BytesIO(cut)).streams.video[0].frames == 30
+    item = process_video(cut, SMALL)
+    assert sampled_indices(item) == frame_indices(29, 4)  # 2.9 s -> 5.8 frames -> min 4 -> 4, sampled over the real 29
+    assert item.second_per_grid_t == pytest.approx(2 / (4 / 29 * 10))
+
+
+def test_fps_fallbacks():
+    container = SimpleNamespace(duration=3 * av.time_base)
+    no_rate = SimpleNamespace(average_rate=None, guessed_rate=0)
+    assert video._stream_fps(no_rate, container, 60, DEFAULTS) == 20  # frames over duration
+    no_duration = SimpleNamespace(duration=None)
+    assert video._stream_fps(no_rate, no_duration, 60, DEFAULTS.updated({"fps": 3})) == 3  # keep every frame
+
+
+def test_mpeg4_decodes_like_h264():
+    assert process_video(make_video_bytes(84, 56, 30, 10, codec="mpeg4"), DEFAULTS).grid_thw == (3, 20, 28)
+
+
+# --- pixel budgets, timing, tokens ----------------------------------------------------------------------------
+
+
+def test_frame_max_pixels():
+    assert frame_max_pixels(6, DEFAULTS) == DEFAULTS.video_max_pixels  # per-frame cap binds
+    assert frame_max_pixels(768, DEFAULTS) == DEFAULTS.video_total_pixels / 768 * 2  # total budget binds
+    tiny_total = DEFAULTS.updated({"video_total_pixels": 1000})
+    assert frame_max_pixels(4, tiny_total) == int(DEFAULTS.video_min_pixels * 1.05)  # never below min * 1.05
+
+
+@pytest.mark.parametrize(
+    "overrides, grid_hw",
+    [
+        ({}, (20, 28)),  # 320x240 is under video_min_pixels: grown to 392x280
+        ({"video_min_pixels": 3136, "video_max_pixels": 20 * 784}, (6, 10)),  # per-frame cap: 140x84
+        ({"video_min_pixels": 3136, "video_total_pixels": 4 * 20 * 784 // 2}, (6, 10)),  # total over 4 frames
+        ({"video_min_pixels": 3136, "video_total_pixels": 1000}, (2, 4)),  # floor of min*1.05 = 3292: 56x28
+    ],
+)
+def test_pixel_budgets(overrides, grid_hw):
+    item = process_video(make_video_bytes(320, 240, 8, 4), DEFAULTS.updated(overrides))  # 2 s -> 4 frames
+    assert item.grid_thw == (2, *grid_hw)
+    assert item.pixel_values.shape == (2 * grid_hw[0] * grid_hw[1], 3 * 2 * 14 * 14)
+    assert item.pixel_values.dtype == torch.float32
+    assert item.num_tokens == 2 * grid_hw[0] * grid_hw[1] // 4
+
+
+@pytest.mark.parametrize("frames, fps, expected", [(30, 10, 1.0), (25, 10, 1.25), (40, 4, 1.0), (9, 5, 0.9)])
+def test_second_per_grid_t_is_temporal_patch_over_sample_fps(frames, fps, expected):
+    # sample_fps = nframes / total_frames * video_fps, as qwen-vl-utils returns it
+    item = process_video(make_video_bytes(56, 56, frames, fps), SMALL)
+    assert item.second_per_grid_t == pytest.approx(expected)
+
+
+def test_content_hash_follows_source_and_sampling():
+    data = make_video_bytes(56, 56, 30, 10)
+    first = process_video(data, SMALL)
+    assert process_video(data, SMALL).content_hash == first.content_hash
+    assert process_video(data, SMALL.updated({"fps": 1})).content_hash != first.content_hash  # other frames
+    assert process_video(data, DEFAULTS).content_hash != first.content_hash  # other size
+    assert process_video(make_video_bytes(56, 56, 30, 10, paint=grey_ramp(30)), SMALL).content_hash != first.content_hash
+    assert process_video(data, SMALL, source_hash="abc").content_hash != first.content_hash
+
+
+# --- patch layout ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(336, 308), (84, 56)])  # kept as is; resized
+def test_still_video_equals_its_frame_as_an_image(width, height):
+    data = make_video_bytes(width, height, 8, 4, paint=lambda i, w, h: moving_pattern(0, w, h))
+    item = process_video(data, DEFAULTS)
+    frame = next(av.open(io.BytesIO(data)).decode(video=0)).to_image()
+    budget = frame_max_pixels(4, DEFAULTS)
+    image = process_image(frame, DEFAULTS.updated({"min_pixels": DEFAULTS.video_min_pixels, "max_pixels": budget}))
+    assert item.grid_thw == (2, *image.grid_thw[1:])
+    assert torch.equal(item.pixel_values, torch.cat([image.pixel_values] * 2))
+
+
+def test_consecutive_frames_fill_the_temporal_slots_in_order():
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250), (250, 0, 250)]
+    data = make_video_bytes(56, 84, 6, 2, paint=solid_colours(colours))  # 3 s at 2 fps: all 6 frames
+    item = process_video(data, SMALL)
+    t, h, w = item.grid_thw
+    assert t == 3
+    decoded = [f.to_ndarray(format="rgb24")[0, 0] / 255 for f in av.open(io.BytesIO(data)).decode(video=0)]
+    mean, std = np.array(CLIP_MEAN), np.array(CLIP_STD)
+    patches = item.pixel_values.view(t, h * w, 3, 2, 14 * 14).numpy()
+    for step in range(t):
+        for slot in range(2):
+            expected = (decoded[2 * step + slot] - mean) / std
+            np.testing.assert_allclose(patches[step, :, :, slot, :], np.broadcast_to(expected[None, :, None],
+                                       (h * w, 3, 196)), atol=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_random_bytes():
+    with pytest.raises(MediaError, match="could not read the video .*send an mp4, webm, mkv or mov file"):
+        process_video(np.random.default_rng(0).bytes(5000), DEFAULTS)
+
+
+def test_truncated_mp4():
+    data = make_video_bytes(56, 56, 30, 10)  # header (moov) at the end: cut off
+    with pytest.raises(MediaError, match="could not read the video"):
+        process_video(data[: len(data) // 2], DEFAULTS)
+
+
+def test_audio_only_container():
+    with pytest.raises(MediaError, match="no video stream; send a video"):
+        process_video(make_audio_only_bytes(), DEFAULTS)
+
+
+def test_video_without_frames():
+    data = make_video_bytes(56, 56, 30, 10, faststart=True)
+    with pytest.raises(MediaError, match="no decodable frames; send a complete, playable video"):
+        process_video(data[: frame_data_offset(data)], DEFAULTS)
+
+
+def test_single_frame_video():
+    with pytest.raises(MediaError, match="has 1 frame.*send a single frame as an image"):
+        process_video(make_video_bytes(56, 56, 1, 10), DEFAULTS)
+
+
+def test_oversize_frames_refused_before_decoding():
+    data = make_video_bytes(320, 240, 30, 10, faststart=True)
+    header_only = data[: frame_data_offset(data)]  # decoding would fail with "no decodable frames"
+    with pytest.raises(MediaTooLargeError, match=r"320x240 = 76,800 pixels.*\(max_source_pixels\); downscale"):
+        process_video(header_only, replace(DEFAULTS, max_source_pixels=320 * 240 - 1))  # a server limit
+
+
+def test_too_many_frames(monkeypatch):
+    monkeypatch.setattr(video, "MAX_SOURCE_FRAMES", 20)
+    with pytest.raises(MediaTooLargeError, match="more than 20 frames; send a shorter clip"):
+        process_video(make_video_bytes(56, 56, 30, 10), DEFAULTS)
+
+
+def test_aspect_ratio_over_limit():
+    with pytest.raises(MediaError, match=r"aspect ratio 1.5 is over the limit of 1.2 \(max_aspect_ratio\)"):
+        process_video(make_video_bytes(84, 56, 8, 4), replace(DEFAULTS, max_aspect_ratio=1.2))  # a server limit
+
+
+def test_load_video_local_file_within_allowed_root(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    data = make_video_bytes(56, 56, 30, 10)
+    (root / "clip.mp4").write_bytes(data)
+    (tmp_path / "outside.mp4").write_bytes(data)
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    assert load_video(str(root / "clip.mp4"), policy, SMALL).content_hash == process_video(data, SMALL).content_hash
+    assert load_video(data, policy, SMALL).grid_thw == (3, 4, 4)
+    with pytest.raises(MediaError, match="outside --allowed-local-media-path"):
+        load_video(str(tmp_path / "outside.mp4"), policy, SMALL)

@@ -1,0 +1,201 @@
+"""Chat messages -> prompt: validate, load media, render with the checkpoint's chat template, expand pads.
+
+Accepted parts: OpenAI `text`, `image_url`, `video_url` (url in `{"url": ...}` or a bare string) and the
+Qwen/transformers `image` (url or PIL image) and `video` (url). A media part may carry `min_pixels` /
+`max_pixels` (qwen-vl-utils style) to override the request's preprocessing for that item.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import transformers
+from PIL import Image
+
+from vlserve.config import ModelConfig
+from vlserve.errors import ConfigError, InvalidRequestError, MediaError
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.image import load_image
+from vlserve.media.item import MediaItem
+from vlserve.media.options import MediaOptions
+from vlserve.media.video import load_video
+
+ROLES = ("system", "user", "assistant")
+MEDIA_PARTS = {"image_url": "image", "image": "image", "video_url": "video", "video": "video"}  # type -> modality
+PART_EXAMPLES = {
+    "text": '{"type": "text", "text": "..."}',
+    "image_url": '{"type": "image_url", "image_url": {"url": "https://... or data:image/png;base64,..."}}',
+    "image": '{"type": "image", "image": "https://..."}',
+    "video_url": '{"type": "video_url", "video_url": {"url": "https://..."}}',
+    "video": '{"type": "video", "video": "https://..."}',
+}
+PART_OPTIONS = ("min_pixels", "max_pixels")  # per item; videos map them to video_min_pixels / video_max_pixels
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]  # pads already expanded: one per merged vision token
+    media: list[MediaItem]  # in prompt order
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """One media part found in the messages, before fetching."""
+    modality: Literal["image", "video"]
+    source: str | Image.Image
+    where: str  # e.g. "messages[1].content[0]", prefixed to errors about this item
+    overrides: dict[str, int] = field(default_factory=dict)  # MediaOptions field -> value
+
+
+def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"model folder {model_dir} does not exist; pass a folder holding a Hugging Face checkpoint")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the tokenizer from {model_dir}: {e}; the folder needs tokenizer.json "
+                          f"(or vocab.json + merges.txt) and tokenizer_config.json") from e
+    # Some VL checkpoints keep the template only in the processor's chat_template.json.
+    processor_template = Path(model_dir) / "chat_template.json"
+    if not tokenizer.chat_template and processor_template.is_file():
+        tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+    return tokenizer
+
+
+def load_chat_media(messages: Any, policy: MediaPolicy, options: MediaOptions, cfg: ModelConfig) -> list[MediaItem]:
+    """Validate the messages, then fetch and preprocess each image/video in prompt order.
+
+    Takes `cfg` so a text-only model refuses media before anything is downloaded."""
+    _, refs = parse_messages(messages, cfg)
+    return [_load(ref, policy, options) for ref in refs]
+
+
+def build_chat_prompt(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, messages: Any,
+                      media: list[MediaItem], add_generation_prompt: bool = True) -> Prompt:
+    """Render `messages` with the checkpoint's chat template; `media` comes from `load_chat_media`."""
+    chat, _ = parse_messages(messages, cfg)
+    if not tokenizer.chat_template:
+        raise InvalidRequestError(f"the checkpoint at {cfg.path} has no chat template, so it cannot serve chat "
+                                  f"requests; send a plain prompt to the completions endpoint instead")
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise InvalidRequestError(f"the model's chat template refused these messages: {e}") from e
+    # The template already wrote every special token; adding more (a BOS) would differ from training.
+    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt(expand_media_tokens(token_ids, media, cfg), list(media))
+
+
+def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: ModelConfig) -> list[int]:
+    """Repeat each image/video pad token item.num_tokens times (as Qwen2_5_VLProcessor does).
+
+    Also for raw token-id prompts: they must hold exactly one pad per media item, in the same order."""
+    if media:
+        _require_vision(cfg, "the request")
+    pad_modality = {cfg.image_token_id: "image", cfg.video_token_id: "video"} if cfg.is_multimodal else {}
+    found = [pad_modality[t] for t in token_ids if t in pad_modality]
+    given = [item.modality for item in media]
+    if found != given:
+        raise InvalidRequestError(
+            f"the prompt holds {found.count('image')} image and {found.count('video')} video placeholders "
+            f"(<|image_pad|> id {cfg.image_token_id}, <|video_pad|> id {cfg.video_token_id}) in the order "
+            f"{found[:8]}, but the request has {given.count('image')} images and {given.count('video')} videos in "
+            f"the order {given[:8]}; put exactly one placeholder per item, in order, and none inside text")
+    items = iter(media)
+    expanded = []
+    for t in token_ids:
+        expanded.extend([t] * next(items).num_tokens if t in pad_modality else [t])
+    return expanded
+
+
+def parse_messages(messages: Any, cfg: ModelConfig) -> tuple[list[dict], list[MediaRef]]:
+    """Validate OpenAI/Qwen-style messages into what the Qwen template expects, plus the media parts in order."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError(f"'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                                  f"got {_describe(messages)}")
+    refs: list[MediaRef] = []
+    chat = [_parse_message(i, message, refs) for i, message in enumerate(messages)]
+    if refs:
+        _require_vision(cfg, refs[0].where)
+    return chat, refs
+
+
+def _parse_message(i: int, message: Any, refs: list[MediaRef]) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise InvalidRequestError(f"{where} must be an object with 'role' and 'content', got {_describe(message)}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidRequestError(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list) or not content:
+        raise InvalidRequestError(f"{where}.content must be a string or a non-empty list of parts such as "
+                                  f"{PART_EXAMPLES['text']}, got {_describe(content)}")
+    parts = [_parse_part(f"{where}.content[{j}]", role, part, refs) for j, part in enumerate(content)]
+    return {"role": role, "content": parts}
+
+
+def _parse_part(where: str, role: str, part: Any, refs: list[MediaRef]) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"{where} is a text part without a string 'text'; send {PART_EXAMPLES['text']}")
+        return {"type": "text", "text": part["text"]}
+    if kind not in MEDIA_PARTS:
+        got = f"type {kind!r}" if isinstance(part, dict) else _describe(part)
+        raise InvalidRequestError(f"{where} has {got}; each part is an object whose 'type' is one of "
+                                  f"{', '.join(PART_EXAMPLES)}, e.g. {PART_EXAMPLES['text']}")
+    modality = MEDIA_PARTS[kind]
+    # OpenAI allows media only in user turns, and Qwen2.5-VL was trained with media there.
+    if role != "user":
+        raise InvalidRequestError(f"{where} is {'an image' if modality == 'image' else 'a video'} in a message "
+                                  f"with role {role!r}; images and videos go in user messages only")
+    refs.append(MediaRef(modality, _source(where, kind, part), where, _overrides(where, modality, part)))
+    return {"type": modality}
+
+
+def _source(where: str, kind: str, part: dict) -> str | Image.Image:
+    value = part.get(kind)
+    if kind.endswith("_url") and isinstance(value, dict):
+        value = value.get("url")
+    if kind == "image" and isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{where} has type {kind!r} but no URL (got {_describe(value)}); "
+                                  f"send {PART_EXAMPLES[kind]}")
+    return value
+
+
+def _overrides(where: str, modality: str, part: dict) -> dict[str, int]:
+    overrides = {}
+    for key in PART_OPTIONS:
+        if key not in part:
+            continue
+        value = part[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidRequestError(f"{where}.{key} must be a positive integer (pixels), got {value!r}")
+        overrides[key if modality == "image" else f"video_{key}"] = value
+    return overrides
+
+
+def _load(ref: MediaRef, policy: MediaPolicy, options: MediaOptions) -> MediaItem:
+    try:
+        item_options = options.updated(ref.overrides)
+        loader = load_image if ref.modality == "image" else load_video
+        return loader(ref.source, policy, item_options)
+    except MediaError as e:
+        raise type(e)(f"{ref.where}: {e}") from e  # keep the class: too-large media stays HTTP 413
+
+
+def _require_vision(cfg: ModelConfig, where: str) -> None:
+    if not cfg.is_multimodal:
+        raise InvalidRequestError(f"{where} has an image or video, but the model at {cfg.path} is text-only "
+                                  f"({cfg.architecture}); send text only, or serve a Qwen2.5-VL checkpoint")
+
+
+def _describe(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"

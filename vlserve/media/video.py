@@ -1,0 +1,210 @@
+"""Video input: decode with PyAV, sample and resize frames as qwen-vl-utils does, then patchify.
+
+Frame sampling and pixel budgets follow qwen-vl-utils 0.0.14 (`smart_nframes`, `fetch_video`). Resizing uses
+PIL's bicubic filter; qwen-vl-utils and transformers use torchvision's bicubic (antialiased) resize, so pixel
+values can differ by interpolation rounding while sizes, grids and token counts are identical.
+"""
+
+import io
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
+from vlserve.media.image import TEMPORAL_PATCH, normalize_patches, patchify, smart_resize
+from vlserve.media.item import MediaItem
+from vlserve.media.options import PATCH_FACTOR, MediaOptions
+
+FRAME_FACTOR = TEMPORAL_PATCH  # frames go to the vision tower in pairs (one temporal patch): counts are even
+# Bound on frames decoded from one video, counting included: a tiny file can hold a huge number of
+# near-empty frames, and every one must be decoded to reach the ones we keep. ~55 minutes at 30 fps.
+MAX_SOURCE_FRAMES = 100_000
+
+
+def smart_nframes(total_frames: int, video_fps: float, options: MediaOptions) -> int:
+    """How many frames to sample: `fps` frames per second of video, clamped to [min_frames, max_frames] and to
+    the frames the video has, then floored to an even count (qwen-vl-utils `smart_nframes`)."""
+    min_frames = _ceil_even(options.min_frames)
+    max_frames = _floor_even(min(options.max_frames, total_frames))
+    wanted = total_frames / video_fps * options.fps
+    # min() last: a video shorter than min_frames gives all of its (even) frames
+    nframes = _floor_even(min(max(wanted, min_frames), max_frames))
+    if nframes >= FRAME_FACTOR:
+        return nframes
+    if total_frames < FRAME_FACTOR:
+        raise MediaError(
+            f"the video has {total_frames} frame(s); a video needs at least {FRAME_FACTOR}: "
+            "send a longer video, or send a single frame as an image"
+        )
+    raise MediaError(
+        f"mm_processor_kwargs max_frames is {options.max_frames}; it must be at least {FRAME_FACTOR}"
+    )
+
+
+def frame_indices(total_frames: int, nframes: int) -> list[int]:
+    """Evenly spaced frame indices, first and last included (qwen-vl-utils' torch.linspace(...).round())."""
+    return torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
+
+
+def frame_max_pixels(nframes: int, options: MediaOptions) -> float:
+    """Per-frame pixel ceiling: the total budget shared over the frames, but never below 1.05x the per-frame
+    minimum (so smart_resize has room) nor above video_max_pixels (qwen-vl-utils `fetch_video`)."""
+    shared = options.video_total_pixels / nframes * FRAME_FACTOR
+    return min(options.video_max_pixels, max(shared, int(options.video_min_pixels * 1.05)))
+
+
+def load_video(source: str | bytes, policy: MediaPolicy, options: MediaOptions) -> MediaItem:
+    """Fetch a video (URL, data: URI, allowed local path, or raw bytes) under `policy` and preprocess it."""
+    data = source if isinstance(source, bytes) else fetch_bytes(source, policy)
+    return process_video(data, options)
+
+
+def process_video(data: bytes, options: MediaOptions, source_hash: str | None = None) -> MediaItem:
+    """Decode `data`, sample and resize frames, and patchify them. `source_hash` saves re-hashing the bytes
+    when the caller already has their hash."""
+    video_fps, claimed_frames = _probe(data, options)
+    sampled = _sample(data, claimed_frames, video_fps, options)
+    if sampled.decoded != claimed_frames:
+        # The container's frame count was wrong (a truncated upload, a careless muxer): decoding has counted
+        # the frames for real, so sample again from that count. Once suffices: the count is exact now.
+        sampled = _sample(data, sampled.decoded, video_fps, options)
+    pixels = np.stack(sampled.frames)  # (T, H, W, 3) uint8
+    patches, grid_thw = patchify(pixels.transpose(0, 3, 1, 2))  # uint8 patches: cheaper to move than float32
+    sample_fps = len(sampled.indices) / sampled.decoded * video_fps
+    height, width = pixels.shape[1:3]
+    digest = content_hash("video", source_hash or content_hash(data), str(sampled.indices), f"{height}x{width}")
+    return MediaItem(
+        modality="video",
+        pixel_values=normalize_patches(patches),
+        grid_thw=grid_thw,
+        content_hash=digest,
+        second_per_grid_t=TEMPORAL_PATCH / sample_fps,
+    )
+
+
+@dataclass
+class _Sampled:
+    frames: list[np.ndarray]  # resized (H, W, 3) uint8, in index order
+    indices: list[int]
+    decoded: int  # frames the stream really holds
+
+
+def _sample(data: bytes, total_frames: int, video_fps: float, options: MediaOptions) -> _Sampled:
+    nframes = smart_nframes(total_frames, video_fps, options)
+    indices = frame_indices(total_frames, nframes)
+    frames, decoded = _decode_kept(data, indices, frame_max_pixels(nframes, options), options)
+    if decoded == 0:
+        raise MediaError("the video has no decodable frames; send a complete, playable video file")
+    return _Sampled(frames, indices, decoded)
+
+
+@contextmanager
+def _open(data: bytes) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    try:
+        # metadata_errors: a title in a legacy encoding must not make the video unreadable
+        container = av.open(io.BytesIO(data), metadata_errors="replace")
+    except av.FFmpegError as e:
+        raise MediaError(f"could not read the video ({e}); send an mp4, webm, mkv or mov file") from e
+    with container:
+        if not container.streams.video:
+            raise MediaError("the file has no video stream; send a video, or send pictures as images")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for it
+            raise MediaError("the video's codec cannot be decoded here; re-encode it as H.264, VP9 or AV1")
+        yield container, stream
+
+
+def _probe(data: bytes, options: MediaOptions) -> tuple[float, int]:
+    """(frames per second, frame count) from the container, refusing oversize frames before any decoding."""
+    with _open(data) as (container, stream):
+        _check_source_size(stream.codec_context.width, stream.codec_context.height, options)
+        total_frames = stream.frames or _count_packets(container, stream)
+        _check_frame_count(total_frames)
+        return _stream_fps(stream, container, total_frames, options), total_frames
+
+
+def _stream_fps(stream: av.VideoStream, container: av.container.InputContainer, total_frames: int,
+                options: MediaOptions) -> float:
+    """The stream's average frame rate, else its frames over its duration; a stream with neither is taken
+    as sampled at `fps` already, so every frame is kept (up to max_frames)."""
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate and rate > 0:
+            return float(rate)
+    seconds = container.duration / av.time_base if container.duration else 0.0
+    return total_frames / seconds if seconds > 0 and total_frames else options.fps
+
+
+def _count_packets(container: av.container.InputContainer, stream: av.VideoStream) -> int:
+    """Frame count for containers that don't store one (webm, mkv): one packet per frame, no decoding."""
+    return sum(1 for packet in _packets(container, stream) if packet.size)
+
+
+def _check_source_size(width: int, height: int, options: MediaOptions) -> None:
+    if width * height > options.max_source_pixels:
+        raise MediaTooLargeError(
+            f"video frames are {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{options.max_source_pixels:,} (max_source_pixels); downscale the video before sending"
+        )
+
+
+def _check_frame_count(frames: int) -> None:
+    if frames > MAX_SOURCE_FRAMES:
+        raise MediaTooLargeError(f"the video has more than {MAX_SOURCE_FRAMES:,} frames; send a shorter clip")
+
+
+def _decode_kept(data: bytes, indices: list[int], max_pixels: float,
+                 options: MediaOptions) -> tuple[list[np.ndarray], int]:
+    """Decode the whole stream in order, keeping (resized) only the frames at `indices`; returns them and the
+    number of frames decoded. Earlier frames must be decoded anyway to reach later ones in most codecs."""
+    kept, position, decoded, size = [], 0, 0, None
+    with _open(data) as (container, stream):
+        stream.thread_type = "AUTO"
+        for decoded, frame in enumerate(_frames(container, stream), 1):
+            _check_frame_count(decoded)
+            _check_source_size(frame.width, frame.height, options)
+            while position < len(indices) and indices[position] == decoded - 1:
+                # one size for all frames, from the first kept one, even if the stream changes resolution
+                size = size or _pil_size(frame, max_pixels, options)
+                kept.append(np.asarray(frame.to_image().resize(size, Image.Resampling.BICUBIC)))
+                position += 1
+    return kept, decoded
+
+
+def _pil_size(frame: av.VideoFrame, max_pixels: float, options: MediaOptions) -> tuple[int, int]:
+    """(width, height) for PIL: sides multiples of 28, area within the per-frame budget."""
+    height, width = smart_resize(
+        frame.height, frame.width, min_pixels=options.video_min_pixels, max_pixels=max_pixels,
+        factor=PATCH_FACTOR, max_aspect_ratio=options.max_aspect_ratio,
+    )
+    return width, height
+
+
+def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
+    """Demuxed packets; a read error ends the stream, so a truncated or damaged upload keeps what came before."""
+    try:
+        yield from container.demux(stream)
+    except av.FFmpegError:
+        return
+
+
+def _frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    for packet in _packets(container, stream):
+        try:
+            yield from packet.decode()
+        except av.FFmpegError:
+            continue  # a damaged packet: skip it and go on, as FFmpeg's own tools do
+
+
+def _ceil_even(n: float) -> int:
+    return math.ceil(n / FRAME_FACTOR) * FRAME_FACTOR
+
+
+def _floor_even(n: float) -> int:
+    return math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
