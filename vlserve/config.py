@@ -221,3 +221,33 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; use --dtype float16 (or auto)"
         )
     return dtype
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block; a multiple of 16 (the GPU kernels' tile)
+    num_blocks: int | None = None  # set by KV sizing, or --num-gpu-blocks-override
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size % 16:
+            raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # sequences in one step
+    max_num_batched_tokens: int = 8192  # tokens (prefill chunks + decodes) in one step
+    max_model_len: int = 32768  # prompt + output tokens of one sequence
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-model-len "
+                f"{self.max_model_len}: without chunked prefill a whole prompt must fit one step; raise it or "
+                "enable chunked prefill")

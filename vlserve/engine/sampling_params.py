@@ -1,0 +1,83 @@
+"""How to pick tokens and when to stop: the per-request knobs of the OpenAI API, checked before scheduling."""
+
+from dataclasses import dataclass, field
+
+from vlserve.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's own (ignore_eos drops those)
+    max_tokens: int | None = 16  # None = up to max_model_len
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def bad(name: str, why: str):
+            raise InvalidRequestError(f"{name} {why}")
+
+        def number(name: str, value, ints: bool = False):
+            kinds = (int,) if ints else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                bad(name, f"must be {'an integer' if ints else 'a number'}, got {value!r}")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            number(name, getattr(self, name))
+        for name in ("n", "top_k", "min_tokens"):
+            number(name, getattr(self, name), ints=True)
+        if self.n < 1:
+            bad("n", f"must be at least 1, got {self.n}")
+        if self.temperature < 0:
+            bad("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            bad("top_k", f"must be -1 or 0 (off) or a positive count, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.max_tokens is not None:
+            number("max_tokens", self.max_tokens, ints=True)
+            if self.max_tokens < 1:
+                bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+        if self.seed is not None:
+            number("seed", self.seed, ints=True)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.logprobs is not None:
+            number("logprobs", self.logprobs, ints=True)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")

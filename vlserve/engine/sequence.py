@@ -1,0 +1,95 @@
+"""One generated sequence: its prompt, media, KV blocks and outputs as the engine moves it through its life."""
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.media.item import MediaItem
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()  # not admitted, or preempted (its KV freed; it recomputes from the prompt)
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class MediaSpan:
+    """Where one media item's pad tokens sit in the prompt."""
+
+    item: MediaItem
+    start: int  # index of the first pad token
+    end: int  # one past the last
+
+    @property
+    def content_hash(self) -> str:
+        return self.item.content_hash
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    media: list[MediaSpan] = field(default_factory=list)
+    mrope_positions: torch.Tensor | None = None  # (3, prompt_len) for multimodal prompts
+    rope_delta: int = 0  # decode token i (0-based over all tokens) sits at position i + rope_delta
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    index: int = 0  # which of the request's n samples this is
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (prefix-cache hits included)
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_id(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the newest one still need their KV computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def media_hashes_in(self, start: int, end: int) -> tuple[str, ...]:
+        """Content hashes of the media whose pad tokens overlap token range [start, end)."""
+        return tuple(span.content_hash for span in self.media if span.start < end and start < span.end)
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the KV is gone; prompt and generated tokens are recomputed as one longer prefill."""
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions += 1
