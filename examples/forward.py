@@ -37,7 +37,7 @@ with torch.no_grad():
     media_embeds = torch.cat(model.encode_media(prompt.media))
     ids = torch.tensor(prompt.token_ids, device=device)
     meta = AttentionMetadata.from_lengths([len(prompt.token_ids)])
-    hidden = model(ids, positions.to(device), meta, media_embeds)
+    hidden = model(ids, positions.to(device), meta, media_embeds, model.media_mask(ids))
     probs = model.compute_logits(hidden[-1:])[0].softmax(-1)
 
 print(f"{len(prompt.token_ids)} prompt tokens, {media[0].num_tokens} of them for the "

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from vlserve.errors import ConfigError
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.options import MediaOptions
 
 VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
@@ -251,3 +253,35 @@ class SchedulerConfig:
                 f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-model-len "
                 f"{self.max_model_len}: without chunked prefill a whole prompt must fit one step; raise it or "
                 "enable chunked prefill")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs, built once from flags or `LLM(...)` arguments and passed down unchanged."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"  # cuda when a GPU is visible, else cpu
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len) without chunking, else 8192
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_gib: float = 4.0  # CPU: memory for the KV cache
+    gpu_memory_utilization: float = 0.9  # GPU: fraction of the card's memory vlserve may use in total
+    num_gpu_blocks_override: int | None = None
+    vision_cache_mib: int = 512  # encoded images/videos kept for reuse (multi-turn chats)
+    limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
+    media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
+    media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
+        return torch.device(self.device)

@@ -23,3 +23,7 @@ class MediaTooLargeError(MediaError):
 
 class InvalidRequestError(VLServeError):
     """A request (messages, prompt, parameters) is malformed (HTTP 400)."""
+
+
+class EngineDeadError(VLServeError):
+    """The engine (or a worker) failed; in-flight and new requests get this instead of hanging (HTTP 503)."""

@@ -43,10 +43,12 @@ class Sequence:
     rope_delta: int = 0  # decode token i (0-based over all tokens) sits at position i + rope_delta
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     index: int = 0  # which of the request's n samples this is
+    max_tokens: int = 16  # params.max_tokens, or what max_model_len leaves when that is None
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks; tokens only grow, so kept
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (prefix-cache hits included)
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     finish_reason: str | None = None  # "stop" | "length" | "abort"

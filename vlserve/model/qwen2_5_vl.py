@@ -47,23 +47,27 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         embeds = self.visual(pixels, [item.grid_thw for item in items])
         return list(embeds.split([item.num_tokens for item in items]))
 
-    def embed(self, input_ids: torch.Tensor, media_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with media pad tokens replaced, in order, by the rows of `media_embeds`."""
+    def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image/video pad tokens of a prompt (generated tokens never carry media: the runner masks by span)."""
+        return (input_ids == self.media_token_ids[0]) | (input_ids == self.media_token_ids[1])
+
+    def embed(self, input_ids: torch.Tensor, media_embeds: torch.Tensor | None,
+              media_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the rows at `media_mask` replaced, in order, by the rows of `media_embeds`."""
         x = self.model.embed_tokens(input_ids)
-        is_media = (input_ids == self.media_token_ids[0]) | (input_ids == self.media_token_ids[1])
-        n = int(is_media.sum())
-        if n != (0 if media_embeds is None else media_embeds.shape[0]):
-            got = 0 if media_embeds is None else media_embeds.shape[0]
-            raise InvalidRequestError(f"the prompt holds {n} image/video pad tokens but {got} media embeddings "
-                                      "were given; each pad token needs one embedding row")
-        if n:
-            x[is_media] = media_embeds.to(x.dtype)
+        if media_embeds is None:
+            return x
+        n = int(media_mask.sum())
+        if n != media_embeds.shape[0]:
+            raise InvalidRequestError(f"the batch holds {n} image/video pad tokens but {media_embeds.shape[0]} "
+                                      "media embeddings were given; each pad token needs one embedding row")
+        x[media_mask] = media_embeds.to(x.dtype)
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                media_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                media_embeds: torch.Tensor | None = None, media_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Returns final hidden states (T, hidden); `compute_logits` turns the ones you need into logits."""
-        return self.model(self.embed(input_ids, media_embeds), positions, meta)
+        return self.model(self.embed(input_ids, media_embeds, media_mask), positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

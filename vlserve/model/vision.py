@@ -42,7 +42,8 @@ def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> Vi
         cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
         hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
         positions.append(hw.repeat(t, 1))
-        cu_full.extend(cu_full[-1] + h * w * (i + 1) for i in range(t))
+        base = cu_full[-1]
+        cu_full.extend(base + h * w * (i + 1) for i in range(t))
         gh, gw = h // m, w // m
         groups = torch.arange(t * gh * gw).view(t, gh, gw)
         for ti in range(t):

@@ -1,0 +1,46 @@
+"""Building inputs for transformers' Qwen2.5-VL, our correctness reference, from the same prompts we run."""
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from media_samples import make_video_bytes
+
+
+def image_url(width, height, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], axis=-1)
+    pixels = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def video_url(width, height, frames, fps):
+    data = base64.b64encode(make_video_bytes(width, height, frames, fps)).decode()
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + data}}
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def hf_inputs(prompt, cfg):
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = {"input_ids": ids,
+              "mm_token_type_ids": (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()}
+    images = [m for m in prompt.media if m.modality == "image"]
+    videos = [m for m in prompt.media if m.modality == "video"]
+    if images:
+        kwargs["pixel_values"] = torch.cat([m.pixel_values for m in images])
+        kwargs["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])
+    if videos:
+        kwargs["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
+        kwargs["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
+        kwargs["second_per_grid_ts"] = torch.tensor([m.second_per_grid_t for m in videos])
+    return kwargs

@@ -1,0 +1,218 @@
+import random
+
+import pytest
+import torch
+
+from vlserve.config import SchedulerConfig
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.scheduler import Scheduler
+from vlserve.engine.sequence import MediaSpan, Sequence, SequenceStatus
+from vlserve.errors import InvalidRequestError
+from vlserve.media.item import MediaItem
+
+BS = 16
+
+
+def make_seq(tokens, max_tokens=4, request_id="r", media=()):
+    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h), start, end) for h, start, end in media]
+    params = SamplingParams(max_tokens=max_tokens)
+    return Sequence(request_id, list(tokens), params, media=spans, max_tokens=max_tokens)
+
+
+def make_scheduler(num_blocks=64, chunked=True, prefix=True, **cfg):
+    cfg = SchedulerConfig(enable_chunked_prefill=chunked, **{"max_model_len": 1024, **cfg})
+    return Scheduler(cfg, BlockManager(num_blocks, BS, prefix))
+
+
+class FakeModel:
+    """Plays the engine after each step, and checks every KV slot a sequence reads holds what it should.
+
+    The KV of token j stands for everything the model saw up to j: its tokens and media. Each step first writes the
+    new tokens' KV, then checks all tokens each scheduled sequence attends to, as the runner does.
+    """
+
+    def __init__(self, sched):
+        self.sched, self.kv, self.steps = sched, {}, 0
+        self.order = []  # sequences in order of first admission
+        take_free = sched.block_manager._take_free
+
+        def take_garbage():  # a reused block holds stale KV until written again
+            b = take_free()
+            for j in range(b * BS, (b + 1) * BS):
+                self.kv.pop(j, None)
+            return b
+
+        sched.block_manager._take_free = take_garbage
+
+    def step(self):
+        out = self.sched.schedule()
+        cfg = self.sched.cfg
+        assert out.num_batched_tokens <= cfg.max_num_batched_tokens and len(out.scheduled) <= cfg.max_num_seqs
+        assert not {s.seq for s in out.scheduled} & set(out.preempted)
+        for s in out.scheduled:
+            seq = s.seq
+            if seq not in self.order:
+                self.order.append(seq)
+            assert s.num_new_tokens >= 1 and seq.status == SequenceStatus.RUNNING
+            for j in range(seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens):
+                self.kv[self.slot(seq, j)] = self.content(seq, j)
+        for s in out.scheduled:
+            seq = s.seq
+            for j in range(seq.num_computed_tokens + s.num_new_tokens):
+                assert self.kv.get(self.slot(seq, j)) == self.content(seq, j), (seq.request_id, j)
+        for s in out.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            if seq.num_computed_tokens == seq.num_tokens:  # the chunk reached the last token: sample
+                seq.output_token_ids.append(1000 + (seq.seq_id * 7 + seq.num_tokens) % 50)
+                if len(seq.output_token_ids) == seq.max_tokens:
+                    seq.status = SequenceStatus.FINISHED
+                    self.sched.finish(seq)
+        self.steps += 1
+        return out
+
+    def slot(self, seq, j):
+        return seq.block_table[j // BS] * BS + j % BS
+
+    def content(self, seq, j):
+        return (tuple(seq.token_ids[:j + 1]), seq.media_hashes_in(0, j + 1))
+
+
+def run_all(sched, model, max_steps=10_000):
+    while sched.has_unfinished():
+        model.step()
+        assert model.steps < max_steps, "the scheduler stopped making progress"
+
+
+def test_decode_step_is_one_token_each():
+    sched = make_scheduler()
+    seqs = [make_seq(range(i * 100, i * 100 + 10)) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    model = FakeModel(sched)
+    assert [s.num_new_tokens for s in model.step().scheduled] == [10, 10, 10]
+    assert [s.num_new_tokens for s in model.step().scheduled] == [1, 1, 1]
+
+
+def test_chunked_prefill_runs_beside_decodes():
+    sched = make_scheduler(max_num_batched_tokens=32)
+    short = [make_seq(range(i * 100, i * 100 + 5), max_tokens=20) for i in range(2)]
+    for seq in short:
+        sched.add(seq)
+    model = FakeModel(sched)
+    model.step()
+    long = make_seq(range(500, 600), max_tokens=2)
+    sched.add(long)
+    chunks = []
+    while long.in_prefill or not long.output_token_ids:
+        out = model.step()
+        assert [s.seq for s in out.scheduled] == [*short, long]
+        assert [s.num_new_tokens for s in out.scheduled[:2]] == [1, 1]
+        chunks.append(out.scheduled[2].num_new_tokens)
+    assert chunks == [30, 30, 30, 10] and long.num_computed_tokens == 100
+
+
+def test_prompt_not_split_without_chunked_prefill():
+    sched = make_scheduler(num_blocks=128, chunked=False, max_num_batched_tokens=1024)
+    first, big, small = make_seq(range(600)), make_seq(range(1000, 1500)), make_seq(range(2000, 2010))
+    for seq in (first, big, small):
+        sched.add(seq)
+    model = FakeModel(sched)
+    assert [s.seq for s in model.step().scheduled] == [first]  # big waits for a step with room; small queues behind
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(first, 1), (big, 500), (small, 10)]
+
+
+def test_max_num_seqs():
+    sched = make_scheduler(max_num_seqs=3)
+    for i in range(10):
+        sched.add(make_seq(range(i * 100, i * 100 + 8), max_tokens=5))
+    model = FakeModel(sched)
+    out = model.step()
+    assert len(out.scheduled) == 3 and sched.num_running == 3 and sched.num_waiting == 7
+    run_all(sched, model)
+    sched.block_manager.assert_all_free()
+
+
+def test_same_prompt_admitted_in_one_step_shares_blocks():
+    sched = make_scheduler()
+    a, b = make_seq(range(40)), make_seq(range(40))
+    sched.add(a)
+    sched.add(b)
+    out = FakeModel(sched).step()
+    assert [s.num_new_tokens for s in out.scheduled] == [40, 8]
+    assert b.num_cached_tokens == 32 and b.block_table[:2] == a.block_table[:2]
+
+
+def test_preempts_the_newest_and_requeues_it_at_the_front():
+    # 6 blocks: two 40-token prompts take 3 each; the first decode past 48 tokens needs a 4th.
+    sched = make_scheduler(num_blocks=6, prefix=False)
+    old, new, later = make_seq(range(40), 20), make_seq(range(100, 140), 20), make_seq(range(200, 210), 2)
+    for seq in (old, new, later):
+        sched.add(seq)
+    model = FakeModel(sched)
+    preempted = []
+    while not preempted:
+        preempted = model.step().preempted
+    assert preempted == [new] and new.status == SequenceStatus.WAITING and new.block_table == []
+    assert list(sched.waiting) == [new, later] and new.num_preemptions == 1 and old.num_preemptions == 0
+    run_all(sched, model)
+    assert all(s.is_finished and len(s.output_token_ids) == s.max_tokens for s in (old, new, later))
+    sched.block_manager.assert_all_free()
+
+
+def test_newest_running_preempts_itself():
+    sched = make_scheduler(num_blocks=4, prefix=False)
+    old, new = make_seq(range(32), 10), make_seq(range(100, 132), 10)
+    sched.add(old)
+    sched.add(new)
+    model = FakeModel(sched)
+    model.step()  # each fills 2 blocks; old's first decode needs a third, so new must go
+    out = model.step()
+    assert [s.seq for s in out.scheduled] == [old] and out.preempted == [new]
+    run_all(sched, model)
+    sched.block_manager.assert_all_free()
+
+
+def test_abort_frees_waiting_and_running():
+    sched = make_scheduler(max_num_seqs=2)
+    seqs = [make_seq(range(i * 100, i * 100 + 20), request_id=f"r{i // 2}") for i in range(4)]
+    for seq in seqs:
+        sched.add(seq)
+    FakeModel(sched).step()
+    assert sched.abort("r0") == seqs[:2] and sched.abort("r1") == seqs[2:]
+    assert all(s.status == SequenceStatus.FINISHED and s.finish_reason == "abort" for s in seqs)
+    assert not sched.has_unfinished() and sched.abort("r0") == []
+    sched.block_manager.assert_all_free()
+
+
+def test_refuses_what_can_never_fit_the_cache():
+    sched = make_scheduler(num_blocks=4)
+    with pytest.raises(InvalidRequestError, match="needs 5 KV blocks of 16 tokens, but the cache holds 4"):
+        sched.add(make_seq(range(60), max_tokens=10))
+    sched.add(make_seq(range(60), max_tokens=5))  # 64 tokens, the last never computed: 4 blocks
+    assert sched.num_waiting == 1
+
+
+@pytest.mark.parametrize("chunked,prefix", [(True, True), (True, False), (False, True)])
+def test_random_load_finishes_everything(chunked, prefix):
+    rng = random.Random(f"{chunked}{prefix}")
+    budget = 64 if chunked else 256
+    sched = make_scheduler(num_blocks=40, chunked=chunked, prefix=prefix, max_num_seqs=8,
+                           max_num_batched_tokens=budget, max_model_len=256)
+    system = list(range(3000, 3040))  # a shared system prompt, then one of two images with identical pad tokens
+    model, added = FakeModel(sched), []
+    while len(added) < 150 or sched.has_unfinished():
+        for _ in range(rng.choice([0, 0, 1, 2]) if len(added) < 150 else 0):
+            suffix = [rng.randrange(2000) for _ in range(rng.randrange(1, 150))]
+            media = [(rng.choice(["cat", "dog"]), 40, 56)] if rng.random() < 0.5 else []
+            seq = make_seq(system + [7] * 16 + suffix, rng.randrange(1, 40), f"r{len(added)}", media)
+            sched.add(seq)
+            added.append(seq)
+        model.step()
+        assert model.steps < 20_000, "the scheduler stopped making progress"
+    assert all(s.is_finished and len(s.output_token_ids) == s.max_tokens for s in added)
+    assert model.order == added  # first admissions in arrival order: nobody overtakes an older request
+    assert sum(s.num_preemptions for s in added) > 0
+    assert (sched.block_manager.hits > 0) == prefix
+    sched.block_manager.assert_all_free()

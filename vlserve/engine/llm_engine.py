@@ -1,0 +1,195 @@
+"""The engine loop: requests in, one scheduled model step at a time, token/text deltas out."""
+
+import itertools
+import logging
+import time
+
+import torch
+
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, \
+    resolve_dtype
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
+from vlserve.engine.model_runner import ModelRunner
+from vlserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from vlserve.engine.sampler import Sampler
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.scheduler import Scheduler
+from vlserve.engine.sequence import MediaSpan, Sequence, SequenceStatus
+from vlserve.errors import InvalidRequestError
+from vlserve.media.item import MediaItem
+from vlserve.media.positions import mrope_positions
+from vlserve.media.template import load_tokenizer
+
+log = logging.getLogger("vlserve.engine")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.device = config.resolved_device()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens or (
+                8192 if config.enable_chunked_prefill else max(8192, self.max_model_len)),
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.tokenizer = load_tokenizer(config.model)
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(self.model_config, config, self.device, self.dtype, progress=progress)
+        num_blocks = self.num_kv_blocks()
+        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
+        self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.requests: dict[str, list[Sequence]] = {}
+        self.request_counter = itertools.count()
+        self.log_capacity(num_blocks)
+
+    # ---- KV sizing ----
+    def num_kv_blocks(self) -> int:
+        c = self.config
+        if c.num_gpu_blocks_override is not None:
+            return c.num_gpu_blocks_override
+        per_block = self.runner.kv_bytes_per_block()
+        if self.device.type == "cpu":
+            return max(1, int(c.kv_cache_memory_gib * 2**30) // per_block)
+        return self.runner.profile_free_blocks(c.gpu_memory_utilization, self.scheduler_config, c.media, per_block)
+
+    def log_capacity(self, num_blocks: int) -> None:
+        tokens = num_blocks * self.config.block_size
+        log.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len %d: %.2fx",
+                 num_blocks, self.config.block_size, tokens, self.max_model_len, tokens / self.max_model_len)
+
+    # ---- requests ----
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, media: list[MediaItem] = (),
+                    request_id: str | None = None) -> str:
+        """Validates the request fully (raising InvalidRequestError) before anything is scheduled."""
+        request_id = request_id or f"req-{next(self.request_counter)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use; ids must be unique")
+        spans = self.validate(prompt_token_ids, params, list(media))
+        positions, delta = (mrope_positions(prompt_token_ids, list(media), self.model_config)
+                            if media else (None, 0))
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(request_id, list(prompt_token_ids), params, media=spans, mrope_positions=positions,
+                           rope_delta=delta, index=index, max_tokens=max_tokens)
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params,
+                                                                   self.eos_token_ids)
+            seqs.append(seq)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        return request_id
+
+    def validate(self, ids: list[int], params: SamplingParams, media: list[MediaItem]) -> list[MediaSpan]:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens, but --max-model-len is {self.max_model_len} (prompt plus "
+                "output); shorten the prompt (or use smaller images via max_pixels) or raise --max-model-len")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} plus the prompt's {len(ids)} tokens exceed --max-model-len "
+                f"{self.max_model_len}; ask for at most {self.max_model_len - len(ids)} tokens")
+        limits = dict(self.config.limit_mm_per_prompt)
+        for modality in ("image", "video"):
+            count = sum(item.modality == modality for item in media)
+            if count > limits.get(modality, 0):
+                raise InvalidRequestError(
+                    f"the prompt has {count} {modality}(s), over the limit of {limits.get(modality, 0)}; send "
+                    f"fewer or raise --limit-mm-per-prompt '{{\"{modality}\": {count}}}'")
+        return media_spans(ids, media, self.model_config)
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.scheduler.abort(request_id):
+            self.detokenizers.pop(seq.seq_id, None)
+        self.requests.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        now = time.monotonic()
+        for item in out.scheduled:
+            item.seq.scheduled_time = item.seq.scheduled_time or now
+        seqs, logits = self.runner.execute([(item.seq, item.num_new_tokens) for item in out.scheduled])
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        if not seqs:
+            return []
+        sampled = self.sampler(logits, seqs)
+        return self.append_tokens(seqs, sampled)
+
+    def append_tokens(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
+        now = time.monotonic()
+        deltas: dict[str, list[CompletionOutput]] = {}
+        for i, seq in enumerate(seqs):
+            token = sampled.token_ids[i]
+            seq.output_token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            logprob = sampled.logprobs[i]
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            detok = self.detokenizers[seq.seq_id]
+            text = detok.add(token)
+            reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len, detok)
+            if reason:
+                text += detok.flush()
+            delta = CompletionOutput(seq.index, text, [token], logprobs=[logprob] if logprob else None)
+            if reason:
+                self.finish(seq, reason, now)
+                delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
+            deltas.setdefault(seq.request_id, []).append(delta)
+        return [self.request_output(request_id, outputs) for request_id, outputs in deltas.items()]
+
+    def finish(self, seq: Sequence, reason: str, now: float) -> None:
+        seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, reason, now
+        self.scheduler.finish(seq)
+        self.detokenizers.pop(seq.seq_id, None)
+
+    def request_output(self, request_id: str, outputs: list[CompletionOutput]) -> RequestOutput:
+        seqs = self.requests[request_id]
+        finished = all(seq.is_finished for seq in seqs)
+        if finished:
+            del self.requests[request_id]
+        first = seqs[0]
+        metrics = RequestMetrics(first.arrival_time, min((s.scheduled_time for s in seqs if s.scheduled_time),
+                                                         default=None),
+                                 min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+                                 max((s.finished_time for s in seqs if s.finished_time), default=None))
+        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished, metrics,
+                             num_cached_tokens=min(first.num_cached_tokens, first.num_prompt_tokens))
+
+
+def media_spans(ids: list[int], media: list[MediaItem], cfg: ModelConfig) -> list[MediaSpan]:
+    """Locate each item's run of pad tokens (pads must be expanded: item k owns the k-th run of num_tokens)."""
+    pads = {cfg.image_token_id, cfg.video_token_id} if cfg.is_multimodal else set()
+    spans, i = [], 0
+    for item in media:
+        while i < len(ids) and ids[i] not in pads:
+            i += 1
+        if i + item.num_tokens > len(ids) or any(t not in pads for t in ids[i:i + item.num_tokens]):
+            raise InvalidRequestError(f"the prompt does not hold {item.num_tokens} pad tokens for its "
+                                      f"{item.modality} #{len(spans) + 1}; expand the pads with the chat template")
+        spans.append(MediaSpan(item, i, i + item.num_tokens))
+        i += item.num_tokens
+    if any(t in pads for t in ids[i:]):
+        raise InvalidRequestError("the prompt holds more image/video pad tokens than its media need")
+    return spans

@@ -1,0 +1,179 @@
+"""Runs one scheduled step on the model: builds flat inputs from block tables, encodes media not seen before,
+runs the language model over the paged KV cache and returns the logits of the sequences that sample."""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from vlserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from vlserve.engine.sequence import Sequence
+from vlserve.errors import ConfigError
+from vlserve.media.item import MediaItem
+from vlserve.media.options import PATCH_FACTOR, MediaOptions
+from vlserve.model.layers.attention import Attention, AttentionMetadata
+from vlserve.model.loader import load_model
+
+
+class VisionCache:
+    """Encoded media by content hash, least recently used dropped first, bounded in bytes: a picture that
+    returns in the next turn of a chat (or is preempted mid-prompt) is encoded once."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key in self.entries or size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = value
+        self.bytes += size
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor  # (3, T)
+    meta: AttentionMetadata
+    media_embeds: torch.Tensor | None
+    media_mask: torch.Tensor | None
+    sample_rows: list[int]  # row of each sampling sequence's last token in the flat batch
+    sample_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 progress: bool = True):
+        self.cfg, self.device, self.dtype = model_cfg, device, dtype
+        self.block_size = engine_cfg.block_size
+        self.model = load_model(model_cfg, dtype, device, progress=progress)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.vision_cache = VisionCache(engine_cfg.vision_cache_mib << 20)
+
+    def kv_bytes_per_block(self) -> int:
+        a = self.attention_layers[0]
+        per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return per_layer * len(self.attention_layers)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
+                                         dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Computes `n` new tokens for each (seq, n); returns the sequences whose context is now complete and
+        the (B, vocab) float32 logits of their last token, from which their next token is sampled."""
+        step = self.prepare(scheduled)
+        hidden = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask)
+        if not step.sample_rows:
+            return [], hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
+        rows = torch.tensor(step.sample_rows, device=self.device)
+        return step.sample_seqs, self.model.compute_logits(hidden[rows])
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInput:
+        encoded = self.encode_media(scheduled)
+        ids, positions, slots, media_mask, media_rows = [], [], [], [], []
+        cu, context_lens, tables, sample_rows, sample_seqs = [0], [], [], [], []
+        for seq, n in scheduled:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_id(i) for i in range(start, end))
+            positions.append(self.positions(seq, start, end))
+            slots.extend(seq.block_table[i // self.block_size] * self.block_size + i % self.block_size
+                         for i in range(start, end))
+            mask, rows = self.media_for(seq, start, end, encoded)
+            media_mask.extend(mask)
+            media_rows.extend(rows)
+            cu.append(cu[-1] + n)
+            context_lens.append(end)
+            tables.append(seq.block_table)
+            if end == seq.num_tokens:
+                sample_rows.append(cu[-1] - 1)
+                sample_seqs.append(seq)
+        meta = AttentionMetadata(cu, context_lens, tables, torch.tensor(slots, device=self.device))
+        embeds = torch.cat(media_rows) if media_rows else None
+        return StepInput(torch.tensor(ids, device=self.device), torch.cat(positions, dim=1).to(self.device), meta,
+                         embeds, torch.tensor(media_mask, device=self.device) if media_rows else None,
+                         sample_rows, sample_seqs)
+
+    def positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """(3, end - start): the prompt's M-RoPE rows, then `i + rope_delta` on all rows for generated tokens."""
+        split = min(max(start, seq.num_prompt_tokens if seq.mrope_positions is not None else 0), end)
+        parts = []
+        if split > start:
+            parts.append(seq.mrope_positions[:, start:split])
+        if end > split:
+            parts.append(torch.arange(split, end).add_(seq.rope_delta).expand(3, -1))
+        return torch.cat(parts, dim=1)
+
+    def media_for(self, seq: Sequence, start: int, end: int,
+                  encoded: dict[str, torch.Tensor]) -> tuple[list[bool], list[torch.Tensor]]:
+        """Which of the tokens [start, end) are media pads, and their embedding rows in order."""
+        mask, rows = [False] * (end - start), []
+        for span in seq.media:
+            lo, hi = max(start, span.start), min(end, span.end)
+            if lo < hi:
+                mask[lo - start:hi - start] = [True] * (hi - lo)
+                rows.append(encoded[span.content_hash][lo - span.start:hi - span.start])
+        return mask, rows
+
+    def encode_media(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
+        """Embeddings of every item with pads in this step: cached ones reused, the rest in one vision pass."""
+        encoded, missing = {}, {}
+        for seq, n in scheduled:
+            for span in seq.media:
+                if span.start < seq.num_computed_tokens + n and seq.num_computed_tokens < span.end:
+                    key = span.content_hash
+                    if key not in encoded and key not in missing:
+                        cached = self.vision_cache.get(key)
+                        if cached is None:
+                            missing[key] = span.item
+                        else:
+                            encoded[key] = cached
+        self.vision_cache.hits += len(encoded)
+        self.vision_cache.misses += len(missing)
+        for key, embeds in zip(missing, self.model.encode_media(list(missing.values()))):
+            self.vision_cache.put(key, embeds)
+            encoded[key] = embeds
+        return encoded
+
+    # ---- GPU memory profiling (KV sizing) ----
+    @torch.inference_mode()
+    def profile_free_blocks(self, utilization: float, sched: SchedulerConfig, media: MediaOptions,
+                            bytes_per_block: int) -> int:
+        """Runs the worst-case step (a full token budget, the largest allowed image through the vision tower,
+        logits for every seat), then gives the KV cache what `utilization` of the card leaves."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = sched.max_num_batched_tokens
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(tokens, device=self.device), AttentionMetadata.from_lengths([tokens]))
+        self.model.compute_logits(hidden[-min(sched.max_num_seqs, tokens):])
+        if self.cfg.is_multimodal:
+            side = int(media.max_pixels**0.5) // PATCH_FACTOR * PATCH_FACTOR
+            grid = (1, side // 14, side // 14)
+            pixels = torch.zeros(grid[1] * grid[2], self.cfg.vision.patch_dim)
+            self.model.encode_media([MediaItem("image", pixels, grid, "profile")])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))  # CUDA context, NCCL
+        budget = total * utilization - peak - outside_torch
+        if budget < bytes_per_block:
+            raise ConfigError(
+                f"no memory left for the KV cache: the model and a worst-case step peak at {peak / 2**30:.2f} GiB "
+                f"of {total / 2**30:.2f} GiB and --gpu-memory-utilization is {utilization}; raise it, lower "
+                "--max-num-batched-tokens or --max-num-seqs, or use more GPUs")
+        torch.cuda.empty_cache()
+        return int(budget // bytes_per_block)

@@ -1,0 +1,166 @@
+"""Logits -> next tokens: penalties, min_tokens, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
+
+One batched pass over the rows that sample this step; per-row Python only builds small index/parameter tensors.
+Filter order follows transformers' `generate`: temperature, top-k, top-p, min-p.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS
+from vlserve.engine.detokenizer import stop_token_ids
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.sequence import Sequence
+
+
+@dataclass
+class Logprob:
+    logprob: float  # of the sampled token
+    top: list[tuple[int, float]]  # the params.logprobs most likely (token id, logprob), most likely first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]  # None where params.logprobs is None
+
+
+class Sampler:
+    """`eos_ids` are blocked (with params.stop_token_ids) until min_tokens; `generator` drives unseeded rows."""
+
+    def __init__(self, eos_ids=DEFAULT_STOP_TOKEN_IDS, generator: torch.Generator | None = None):
+        self.eos_ids = tuple(eos_ids)
+        self.generator = generator  # on the logits' device; None = torch's default generator there
+        self._seeded: torch.Generator | None = None  # reseeded per row, so it holds no per-sequence state
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        # A float32 copy: the raw logits give the logprobs, and the caller's tensor stays untouched.
+        raw = logits.float()
+        logits = raw.clone()
+        apply_penalties(logits, seqs)
+        block_stop_tokens(logits, seqs, self.eos_ids)
+        tokens = self._sample(logits, seqs)
+        return SamplerOutput(tokens.tolist(), _logprobs(raw, tokens, seqs))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)  # greedy rows: exactly the argmax of the penalised logits
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not rows:
+            return tokens
+        idx = torch.tensor(rows, device=logits.device)
+        probs = sampling_probs(logits[idx], [seqs[i].params for i in rows])
+        # argmax(p / q) with q ~ Exp(1) draws from p (the exponential race), with no host sync, and lets each
+        # seeded row use its own random stream.
+        tokens[idx] = (probs / self._exponentials(probs, [seqs[i] for i in rows])).argmax(dim=-1)
+        return tokens
+
+    def _exponentials(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        if self._seeded is None or self._seeded.device != probs.device:
+            self._seeded = torch.Generator(device=probs.device)
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                # Seeded from (seed, sample index, step) alone: the same tokens whatever else is in the batch,
+                # after preemption too, and n > 1 samples of one request differ.
+                self._seeded.manual_seed(_row_seed(seq.params.seed, seq.index, len(seq.output_token_ids)))
+                q[i].exponential_(generator=self._seeded)
+        # exponential_ can return 0 (a uniform draw of exactly 0); 0/0 = NaN would win the argmax.
+        return q.clamp_(min=torch.finfo(q.dtype).tiny)
+
+
+def _row_seed(seed: int, index: int, step: int) -> int:
+    # A stable hash (unlike hash() across Python versions) so seeded outputs reproduce across restarts.
+    digest = hashlib.blake2b(f"{seed},{index},{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place. Repetition (HF: prompt + output tokens) then frequency and presence (OpenAI: output only)."""
+    rows = [i for i, s in enumerate(seqs) if _penalised(s.params)]
+    if not rows:
+        return
+    dev, vocab = logits.device, logits.shape[-1]
+    idx = torch.tensor(rows, device=dev)
+    sub = logits[idx]
+    params = [seqs[i].params for i in rows]
+    counts = _token_counts([seqs[i].output_token_ids for i in rows], vocab, dev)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = (_token_counts([seqs[i].prompt_token_ids for i in rows], vocab, dev) > 0) | (counts > 0)
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    logits[idx] = sub - freq * counts - presence * (counts > 0)
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """(rows, vocab) float counts; padding goes to an extra column that is dropped."""
+    width = max(map(len, token_lists), default=0)
+    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long, device=device)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
+
+
+def block_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids) -> None:
+    """In place: a sequence with fewer than min_tokens outputs cannot pick a token that would stop it."""
+    rows, cols = [], []
+    for i, seq in enumerate(seqs):
+        if len(seq.output_token_ids) < seq.params.min_tokens:
+            ids = [t for t in stop_token_ids(seq.params, eos_ids) if t < logits.shape[-1]]
+            rows += [i] * len(ids)
+            cols += ids
+    if rows:
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -float("inf")
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a non-greedy row samples from: temperature, top-k, top-p, min-p, softmax."""
+    dev = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        logits = _top_k_top_p(logits, params)
+    if any(p.min_p > 0.0 for p in params):
+        probs = logits.softmax(dim=-1)
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -float("inf"))
+    return logits.softmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    dev, vocab = logits.device, logits.shape[-1]
+    ranked, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)
+    # Ties with the k-th logit stay, as in transformers' TopKLogitsWarper.
+    ranked = ranked.masked_fill(ranked < ranked.gather(1, (k - 1)[:, None]), -float("inf"))
+    probs = ranked.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    # Keep a token while the more likely ones hold less than top_p; the first always stays. top_p = 1 skips
+    # the test, since a float32 cumsum can reach 1 before the tail and would drop it.
+    remove = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+    ranked = ranked.masked_fill(remove, -float("inf"))
+    return torch.empty_like(logits).scatter_(1, order, ranked)
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[Logprob | None]:
+    # From the model's raw distribution (log_softmax of the unmodified logits), as OpenAI and vLLM's default
+    # report them: penalties, temperature and filters do not change them.
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[Logprob | None] = [None] * len(seqs)
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=raw.device)
+    logprobs = raw[idx].log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[idx][:, None]).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(max(seqs[i].params.logprobs for i in rows), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        out[i] = Logprob(chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+    return out

@@ -1,0 +1,135 @@
+"""Continuous batching: each step, which sequences compute how many tokens, within token, seat and KV budgets.
+
+Strict first-come first-served: running sequences go first, oldest first; then waiting ones are admitted from the
+head of the queue until one does not fit, so no request is overtaken. When KV blocks run out, the newest running
+sequence is preempted (its KV dropped, recomputed later from its tokens) and requeued at the front.
+
+Contract with the engine: a scheduled sequence computes tokens [num_computed_tokens, num_computed_tokens +
+num_new_tokens); `schedule` has already made their full blocks findable in the prefix cache. After the step the
+engine adds num_new_tokens to num_computed_tokens, appends a sampled token where the chunk reached the last token,
+and calls `finish` on each sequence that is done. `abort` and `finish` run between steps.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from vlserve.config import SchedulerConfig
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.sequence import Sequence, SequenceStatus
+from vlserve.errors import InvalidRequestError
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # computed this step, starting at seq.num_computed_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # back in the waiting queue, KV dropped
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager):
+        self.cfg = cfg
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        # Oldest first. Appending on admission keeps that order: a preempted sequence was the newest running one
+        # and returns at the head of the queue, so nothing newer can be admitted before it.
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # total, for metrics
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self._check_fits(seq)
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
+                break  # seq was the newest and preempted itself
+            self._run(seq, seq.num_computed_tokens, num_new, out)
+            budget -= num_new
+            i += 1
+        # A step that had to preempt has no blocks to spare for newcomers.
+        while self.waiting and budget and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = self._first_chunk(seq, budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._run(seq, *chunk, out)
+            budget -= chunk[1]
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        seqs = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in seqs:
+            (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
+            self.block_manager.free(seq)
+            seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, "abort", time.monotonic()
+        return seqs
+
+    def _first_chunk(self, seq: Sequence, budget: int) -> tuple[int, int] | None:
+        """(cached tokens, tokens to compute) if the waiting seq can be admitted now."""
+        cached = self.block_manager.cached_prefix_len(seq)
+        num_new = min(seq.num_tokens - cached, budget)
+        if num_new < seq.num_tokens - cached and not self.cfg.enable_chunked_prefill:
+            return None
+        return (cached, num_new) if self.block_manager.can_allocate(seq, cached + num_new) else None
+
+    def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput) -> None:
+        self.block_manager.allocate(seq, start + num_new)
+        self.block_manager.mark_computed(seq, start + num_new)
+        out.scheduled.append(ScheduledSeq(seq, num_new))
+
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Preempts the newest running sequences until seq's first num_tokens tokens fit; False if seq went."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self.block_manager.free(victim)
+            victim.reset_for_recompute()
+            self.waiting.appendleft(victim)
+            preempted.append(victim)
+            self.num_preemptions += 1
+            if victim is seq:
+                return False
+        return True
+
+    def _check_fits(self, seq: Sequence) -> None:
+        """Refuses what could never run to the end alone, which would block the queue's head forever."""
+        bm = self.block_manager
+        need = bm.blocks_for(seq.num_prompt_tokens + seq.max_tokens - 1)  # the last token never needs its KV
+        if need > bm.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt ({seq.num_prompt_tokens} tokens) plus up to {seq.max_tokens} generated tokens needs "
+                f"{need} KV blocks of {bm.block_size} tokens, but the cache holds {bm.num_blocks}; lower max_tokens "
+                "or --max-model-len, or give the KV cache more memory (--gpu-memory-utilization)")
