@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-weight checkpoints, built once per test session."""
 
+import os
+
 import pytest
 
 from vlserve.model.tiny import TinySpec, make_tiny
@@ -27,3 +29,9 @@ def tiny_sharded_ckpt(tmp_path_factory):
 def any_ckpt(request):
     """Runs a test once per checkpoint shape."""
     return request.getfixturevalue(f"{request.param}_ckpt")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where our side of the equality tests runs: cpu in CI; VLSERVE_TEST_DEVICE=cuda on a GPU machine."""
+    return os.environ.get("VLSERVE_TEST_DEVICE", "cpu")

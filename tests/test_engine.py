@@ -63,8 +63,10 @@ def assert_no_leaks(llm):
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_greedy_equals_transformers(tiny_ckpt, reference, setting):
-    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, **SETTINGS[setting])
+def test_greedy_equals_transformers(tiny_ckpt, reference, setting, device):
+    # On a GPU, a small share of the card: a tiny model's KV blocks are tiny, and millions would be wasted.
+    memory = {"gpu_memory_utilization": 0.05} if device.startswith("cuda") else {}
+    llm = LLM(str(tiny_ckpt), device=device, dtype="float32", progress=False, **memory, **SETTINGS[setting])
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=3)
     outputs = llm.chat(CONVERSATIONS, params, use_tqdm=False)
     for out, (tokens, logprobs) in zip(outputs, reference):
@@ -147,3 +149,19 @@ def test_too_many_images(tiny_ckpt):
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_kv_sizing_is_logged(tiny_ckpt, caplog):
+    caplog.set_level("INFO", logger="vlserve.engine")
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01, max_model_len=1024)
+    per_block = llm.engine.runner.kv_bytes_per_block()  # 2 layers x K,V x 16 tokens x 2 heads x 16 dims x 4 bytes
+    assert per_block == 2 * 2 * 16 * 2 * 16 * 4
+    blocks = int(0.01 * 2**30) // per_block
+    assert llm.engine.block_manager.num_blocks == blocks
+    assert f"KV cache: {blocks} blocks of 16 tokens = {blocks * 16} tokens" in caplog.text
+    assert f"max concurrency at max_model_len 1024: {blocks * 16 / 1024:.2f}x" in caplog.text
+    override = LLM(str(tiny_ckpt), device="cpu", progress=False, num_gpu_blocks_override=7)
+    assert override.engine.block_manager.num_blocks == 7
+    with pytest.raises(InvalidRequestError, match="KV blocks"):
+        override.generate("hello", SamplingParams(max_tokens=200), use_tqdm=False)
+    assert_no_leaks(override)

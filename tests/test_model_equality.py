@@ -36,10 +36,10 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_sharded"])
-def models(request):
+def models(request, device):
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
     cfg = ModelConfig.from_dir(ckpt)
-    ours = load_model(cfg, torch.float32, "cpu", progress=False)
+    ours = load_model(cfg, torch.float32, device, progress=False)
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
     return cfg, load_tokenizer(ckpt), ours, theirs
 
@@ -52,10 +52,11 @@ def our_logits(model, prompts, cfg):
         positions.append(mrope_positions(prompt.token_ids, prompt.media, cfg)[0])
         embeds += model.encode_media(prompt.media)
     meta = AttentionMetadata.from_lengths([len(p.token_ids) for p in prompts])
-    ids = torch.tensor(ids)
+    device = model.lm_head.weight.device
+    ids = torch.tensor(ids, device=device)
     media_embeds = torch.cat(embeds) if embeds else None
-    hidden = model(ids, torch.cat(positions, dim=1), meta, media_embeds, model.media_mask(ids))
-    return model.compute_logits(hidden).split([len(p.token_ids) for p in prompts])
+    hidden = model(ids, torch.cat(positions, dim=1).to(device), meta, media_embeds, model.media_mask(ids))
+    return [logits.cpu() for logits in model.compute_logits(hidden).split([len(p.token_ids) for p in prompts])]
 
 
 def build(models, case):

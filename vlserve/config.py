@@ -226,17 +226,6 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    block_size: int = 16  # tokens per KV block; a multiple of 16 (the GPU kernels' tile)
-    num_blocks: int | None = None  # set by KV sizing, or --num-gpu-blocks-override
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self):
-        if self.block_size <= 0 or self.block_size % 16:
-            raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
-
-
-@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one step
     max_num_batched_tokens: int = 8192  # tokens (prefill chunks + decodes) in one step
@@ -276,6 +265,24 @@ class EngineConfig:
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
+
+    def __post_init__(self):
+        def positive(flag: str, value, allow_none: bool = False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{flag} must be a positive number, got {value!r}")
+
+        positive("--max-model-len", self.max_model_len, allow_none=True)
+        positive("--max-num-seqs", self.max_num_seqs)
+        positive("--max-num-batched-tokens", self.max_num_batched_tokens, allow_none=True)
+        positive("--kv-cache-memory-gib", self.kv_cache_memory_gib)
+        positive("--num-gpu-blocks-override", self.num_gpu_blocks_override, allow_none=True)
+        positive("--vision-cache-mib", self.vision_cache_mib)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.block_size <= 0 or self.block_size % 16:
+            raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -101,7 +101,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "abort":
-                self.engine.abort(command[1])
+                final = self.engine.abort(command[1])
+                if final is not None:
+                    self.deliver(final.request_id, final)
                 continue
             _, request_id, ids, params, media = command
             if request_id not in self.streams:  # the caller left before the engine saw the request

@@ -6,8 +6,7 @@ import time
 
 import torch
 
-from vlserve.config import DEFAULT_STOP_TOKEN_IDS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, \
-    resolve_dtype
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, resolve_dtype
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
 from vlserve.engine.model_runner import ModelRunner
@@ -42,7 +41,6 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(self.model_config, config, self.device, self.dtype, progress=progress)
         num_blocks = self.num_kv_blocks()
-        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
@@ -113,10 +111,15 @@ class LLMEngine:
                     f"fewer or raise --limit-mm-per-prompt '{{\"{modality}\": {count}}}'")
         return media_spans(ids, media, self.model_config)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops the request's unfinished sequences and frees their blocks; returns their final (empty) deltas."""
+        if request_id not in self.requests:
+            return None
+        outputs = []
         for seq in self.scheduler.abort(request_id):
             self.detokenizers.pop(seq.seq_id, None)
-        self.requests.pop(request_id, None)
+            outputs.append(CompletionOutput(seq.index, "", [], finish_reason="abort"))
+        return self.request_output(request_id, outputs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

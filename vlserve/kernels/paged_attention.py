@@ -20,7 +20,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens: lis
         if n_q > 1:  # query j sits at position n_k - n_q + j and sees keys up to it (bottom-right causal)
             rows = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
             mask = torch.arange(n_k, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
+        # 4-D (batch of one): the fused SDPA kernels take only 4-D inputs
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k.to(q.dtype)[None],
+                                           v.to(q.dtype)[None], attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:end] = o[0].transpose(0, 1)
     return out

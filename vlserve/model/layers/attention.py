@@ -36,9 +36,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        # 4-D (batch of one): the fused, memory-linear SDPA kernels take only 4-D inputs
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 

@@ -1,0 +1,68 @@
+"""Engine flags, named as vLLM's, shared by `serve`, `bench` and `plan`; they become one EngineConfig."""
+
+import argparse
+import json
+
+from vlserve.config import EngineConfig
+from vlserve.errors import ConfigError, MediaError
+from vlserve.media.fetch import MediaPolicy
+from vlserve.media.options import MediaOptions
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32 (auto: bf16 on compute "
+                   "capability >= 8.0, fp16 below, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 8192)")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a multiple of 16)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--kv-cache-memory-gib", type=float, default=4.0, help="CPU: memory for the KV cache")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="GPU: fraction of the card's memory vlserve may use")
+    g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
+    g.add_argument("--vision-cache-mib", type=int, default=512, help="encoded images kept for reuse across turns")
+    g.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4, "video": 1}\'')
+    g.add_argument("--mm-processor-kwargs", default=None,
+                   help='JSON preprocessing defaults, e.g. \'{"max_pixels": 1003520, "fps": 1}\'')
+    g.add_argument("--allowed-local-media-path", default=None, help="folder whose files requests may name")
+    g.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts media URLs may come from")
+
+
+def json_flag(flag: str, value: str | None) -> dict:
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"image\": 4}}': {e}") from e
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {value!r}")
+    return parsed
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    limits = json_flag("--limit-mm-per-prompt", args.limit_mm_per_prompt)
+    for key, count in limits.items():
+        if key not in ("image", "video") or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(f"--limit-mm-per-prompt: {key!r}: {count!r}; keys are image and video, values "
+                              "non-negative integers")
+    defaults = dict(EngineConfig.limit_mm_per_prompt)
+    try:
+        media = MediaOptions().updated(json_flag("--mm-processor-kwargs", args.mm_processor_kwargs))
+    except MediaError as e:
+        raise ConfigError(f"--mm-processor-kwargs: {e}") from e
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill, block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks_override=args.num_gpu_blocks_override,
+        vision_cache_mib=args.vision_cache_mib,
+        limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
+        media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
+    )
