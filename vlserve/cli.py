@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from vlserve.errors import VLServeError
 
@@ -47,10 +48,68 @@ def run_make_tiny(args) -> None:
     print(f"wrote a random-weight tiny checkpoint to {out}")
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure throughput and latency")
+    add_bench_offline(p.add_subparsers(dest="bench_command", required=True))
+
+
+def add_workload_args(p) -> None:
+    """What each benchmark request asks for; shared by the bench subcommands."""
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=100)
+    g.add_argument("--input-len", type=int, default=512,
+                   help="text tokens per prompt (with images, the chat template and image tokens come on top)")
+    g.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    g.add_argument("--dataset", default="random", help="random: random words, different per prompt | fixed: one "
+                   "text in every prompt (exercises the prefix cache)")
+    g.add_argument("--image-size", metavar="WxH", help="add generated images of this size to each prompt")
+    g.add_argument("--images-per-prompt", type=int, help="with --image-size (default 1)")
+    g.add_argument("--same-image", action="store_true",
+                   help="the same images in every prompt (default: distinct pixels, so no cache hits)")
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly --output-len tokens")
+    g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 = greedy")
+
+
+def add_bench_offline(sub) -> None:
+    from vlserve.args import add_engine_args
+
+    p = sub.add_parser("offline", help="throughput of the engine in-process, all requests submitted at once")
+    p.add_argument("model", nargs="?", help="checkpoint folder (default: a tiny random-weight demo checkpoint)")
+    p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    add_workload_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run_bench_offline)
+
+
+def run_bench_offline(args) -> None:
+    from vlserve.args import engine_config
+    from vlserve.bench.offline import run_offline
+    from vlserve.bench.prompts import Workload, parse_image_size
+    from vlserve.errors import ConfigError
+    from vlserve.model.tiny import demo_checkpoint
+
+    workload = Workload(
+        num_prompts=args.num_prompts, input_len=args.input_len, dataset=args.dataset,
+        image_size=parse_image_size(args.image_size), images_per_prompt=args.images_per_prompt,
+        same_image=args.same_image, output_len=args.output_len, ignore_eos=args.ignore_eos,
+        temperature=args.temperature, seed=args.seed,
+    )
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: its folder does not exist; create it or pick another path")
+    model = args.model
+    if model is None:
+        model = str(demo_checkpoint())
+        print(f"no MODEL given: using the demo checkpoint at {model}; its weights are random, so only the speed "
+              "means anything")
+    run_offline(engine_config(args, model), workload, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
+    add_bench(sub)
     return parser
 
 

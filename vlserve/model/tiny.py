@@ -6,7 +6,9 @@ transformers itself read it; only the sizes are small. Tests never download weig
 
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,25 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+def demo_checkpoint() -> Path:
+    """The random-weight checkpoint that commands use when no model is named, written once to the user's cache."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlserve" / "demo-tiny"
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed, so an interrupted write or a concurrent first run never leaves a partial folder.
+    tmp = Path(tempfile.mkdtemp(prefix="demo-tiny-", dir=path.parent))
+    try:
+        make_tiny(tmp)
+        tmp.rename(path)
+    except OSError:
+        if not path.is_dir():  # unless another process got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a rename
+    return path
 
 
 def tiny_config(spec: TinySpec) -> dict:
