@@ -97,10 +97,10 @@ def test_duplicate_and_invalid_requests(engine):
         first = engine.generate(tokens(engine, "one"), GREEDY, request_id="dup")
         await first.__anext__()
         with pytest.raises(InvalidRequestError, match="already in use"):
-            await engine.generate(tokens(engine, "two"), GREEDY, request_id="dup").__anext__()
+            engine.generate(tokens(engine, "two"), GREEDY, request_id="dup")
         await first.aclose()
         with pytest.raises(InvalidRequestError, match="--max-model-len"):
-            await engine.generate([1] * 40000, GREEDY).__anext__()
+            engine.generate([1] * 40000, GREEDY)
         await wait_idle(engine)
     asyncio.run(main())
     assert_blocks_free(engine)
@@ -119,6 +119,6 @@ def test_engine_failure_reaches_every_caller(tiny_ckpt):
         assert all(isinstance(r, EngineDeadError) and "simulated CUDA error" in str(r) for r in results)
         assert not engine.is_alive
         with pytest.raises(EngineDeadError, match="restart"):
-            await engine.generate(tokens(engine, "later"), GREEDY).__anext__()
+            engine.generate(tokens(engine, "later"), GREEDY)
     asyncio.run(main())
     engine.shutdown()

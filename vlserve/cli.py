@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from vlserve.errors import VLServeError
+from vlserve.serve.server import add_serve_args
 
 
 def add_make_tiny(sub) -> None:
@@ -105,11 +106,32 @@ def run_bench_offline(args) -> None:
     run_offline(engine_config(args, model), workload, args.json)
 
 
+def add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="a browser chat page (images, video, streaming) for an OpenAI-compatible server")
+    p.add_argument("--api-base", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY)")
+    p.add_argument("--host", default="127.0.0.1", help="address the page listens on")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", help="model name to ask for (default: the first one the server lists)")
+    p.set_defaults(func=run_ui)
+
+
+def run_ui(args) -> None:
+    import os
+
+    from vlserve.ui import run_ui as serve_page
+
+    api_key = args.api_key or os.environ.get("VLSERVE_API_KEY")
+    serve_page(args.api_base, api_key, host=args.host, port=args.port, model=args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
+    add_serve_args(sub)
     add_bench(sub)
+    add_ui(sub)
     return parser
 
 

@@ -38,10 +38,12 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self.error is None and self.thread.is_alive()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, media: list[MediaItem] = (),
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields one delta per step in which the request moved; the last has `finished=True`. Leaving the loop
-        early (client gone, task cancelled) aborts the request and frees its KV blocks."""
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, media: list[MediaItem] = (),
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validates and submits the request now (raising InvalidRequestError at once, before anything is
+        scheduled); the returned iterator yields one delta per step in which the request moved, the last with
+        `finished=True`. Closing the iterator early (client gone, task cancelled) aborts the request and frees
+        its KV blocks; a caller that never iterates must call `abort`."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine has stopped ({self.error!r}); restart the server")
         request_id = request_id or f"req-{next(self.ids)}"
@@ -51,6 +53,9 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), stream)
         self.send(("add", request_id, list(prompt_token_ids), params, list(media)))
+        return self.deltas(request_id, stream)
+
+    async def deltas(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -66,6 +71,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self.send(("abort", request_id))
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a submitted request whose stream will never be read."""
+        self.streams.pop(request_id, None)
+        self.abort(request_id)
 
     def send(self, command: tuple) -> None:
         self.commands.put(command)

@@ -76,7 +76,7 @@ class LLMEngine:
         spans = self.validate(prompt_token_ids, params, list(media))
         positions, delta = (mrope_positions(prompt_token_ids, list(media), self.model_config)
                             if media else (None, 0))
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        max_tokens = self.max_tokens(prompt_token_ids, params)
         seqs = []
         for index in range(params.n):
             seq = Sequence(request_id, list(prompt_token_ids), params, media=spans, mrope_positions=positions,
@@ -89,7 +89,11 @@ class LLMEngine:
         self.requests[request_id] = seqs
         return request_id
 
+    def max_tokens(self, ids: list[int], params: SamplingParams) -> int:
+        return params.max_tokens or self.max_model_len - len(ids)
+
     def validate(self, ids: list[int], params: SamplingParams, media: list[MediaItem]) -> list[MediaSpan]:
+        """Every check a request must pass, before anything is scheduled; reads only configuration."""
         if not ids:
             raise InvalidRequestError("the prompt is empty; send at least one token")
         if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
@@ -109,6 +113,7 @@ class LLMEngine:
                 raise InvalidRequestError(
                     f"the prompt has {count} {modality}(s), over the limit of {limits.get(modality, 0)}; send "
                     f"fewer or raise --limit-mm-per-prompt '{{\"{modality}\": {count}}}'")
+        self.scheduler.check_fits(len(ids), self.max_tokens(ids, params))
         return media_spans(ids, media, self.model_config)
 
     def abort(self, request_id: str) -> RequestOutput | None:

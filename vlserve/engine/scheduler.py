@@ -58,7 +58,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self._check_fits(seq)
+        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
@@ -124,12 +124,12 @@ class Scheduler:
                 return False
         return True
 
-    def _check_fits(self, seq: Sequence) -> None:
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Refuses what could never run to the end alone, which would block the queue's head forever."""
         bm = self.block_manager
-        need = bm.blocks_for(seq.num_prompt_tokens + seq.max_tokens - 1)  # the last token never needs its KV
+        need = bm.blocks_for(num_prompt_tokens + max_tokens - 1)  # the last token never needs its KV
         if need > bm.num_blocks:
             raise InvalidRequestError(
-                f"the prompt ({seq.num_prompt_tokens} tokens) plus up to {seq.max_tokens} generated tokens needs "
+                f"the prompt ({num_prompt_tokens} tokens) plus up to {max_tokens} generated tokens needs "
                 f"{need} KV blocks of {bm.block_size} tokens, but the cache holds {bm.num_blocks}; lower max_tokens "
                 "or --max-model-len, or give the KV cache more memory (--gpu-memory-utilization)")

@@ -1,0 +1,193 @@
+"""Engine deltas -> OpenAI responses: whole (non-streaming) or as server-sent events."""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from vlserve.engine.outputs import CompletionOutput, RequestOutput
+from vlserve.engine.sampler import Logprob
+from vlserve.serve.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
+    CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage, TokenLogprob, TopLogprob, Usage,
+    error_json, new_id,
+)
+from vlserve.serve.errors import status_of
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details={"cached_tokens": cached_tokens})
+
+
+def sse(payload) -> str:
+    body = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+class TokenText:
+    """Token ids -> the strings OpenAI's logprobs carry (decoded text and its UTF-8 bytes)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def chat(self, token_ids: list[int], logprobs: list[Logprob] | None) -> ChoiceLogprobs | None:
+        if logprobs is None:
+            return None
+        content = []
+        for token_id, lp in zip(token_ids, logprobs):
+            top = self.top(token_id, lp.logprob)
+            content.append(TokenLogprob(**top.model_dump(), top_logprobs=[self.top(t, p) for t, p in lp.top]))
+        return ChoiceLogprobs(content=content)
+
+    def completion(self, token_ids: list[int], logprobs: list[Logprob] | None, offset: int
+                   ) -> CompletionLogprobs | None:
+        if logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        for token_id, lp in zip(token_ids, logprobs):
+            text = self.tokenizer.decode([token_id])
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.tokenizer.decode([t]): p for t, p in lp.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, delta) from several engine requests as they arrive; closing this closes them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]):
+            async for delta in streams[0]:
+                yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    await queue.put((i, delta))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()  # cancelling a pump closes its stream, which aborts that engine request
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Accumulate each engine request's deltas into its final output."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async for i, delta in merged(streams):
+        final = finals[i]
+        if final is None:
+            final = finals[i] = RequestOutput(delta.request_id, delta.prompt_token_ids, [], False, delta.metrics)
+        for out in delta.outputs:
+            mine = next((o for o in final.outputs if o.index == out.index), None)
+            if mine is None:
+                final.outputs.append(CompletionOutput(out.index, "", []))
+                mine = final.outputs[-1]
+            mine.extend(out)
+        final.finished, final.num_cached_tokens = delta.finished, delta.num_cached_tokens
+    for final in finals:
+        final.outputs.sort(key=lambda o: o.index)
+    return finals
+
+
+def chat_response(final: RequestOutput, model: str, token_text: TokenText) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=o.index, message=ChatMessage(content=o.text), finish_reason=o.finish_reason,
+                          logprobs=token_text.chat(o.token_ids, o.logprobs)) for o in final.outputs]
+    completion = sum(len(o.token_ids) for o in final.outputs)
+    return ChatCompletionResponse(model=model, choices=choices,
+                                  usage=usage(len(final.prompt_token_ids), completion, final.num_cached_tokens))
+
+
+def completion_response(finals: list[RequestOutput], model: str, n: int, token_text: TokenText
+                        ) -> CompletionResponse:
+    choices, prompt_tokens, completion, cached = [], 0, 0, 0
+    for i, final in enumerate(finals):  # OpenAI numbers choices prompt-major: prompt i, sample j -> i * n + j
+        prompt_tokens += len(final.prompt_token_ids)
+        cached += final.num_cached_tokens
+        for o in final.outputs:
+            completion += len(o.token_ids)
+            choices.append(CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
+                                            logprobs=token_text.completion(o.token_ids, o.logprobs, 0)))
+    return CompletionResponse(model=model, choices=choices, usage=usage(prompt_tokens, completion, cached))
+
+
+async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, include_usage: bool,
+                      token_text: TokenText) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, optional usage, [DONE]."""
+    rid, created = new_id("chatcmpl"), int(time.time())
+
+    def chunk(choices, usage_=None) -> str:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage_))
+
+    for i in range(n):
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+    prompt_tokens = completion = cached = 0
+    try:
+        async for _, delta in merged([stream]):
+            prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
+            for o in delta.outputs:
+                completion += len(o.token_ids)
+                if o.text or o.finish_reason or o.logprobs:
+                    yield chunk([ChatChunkChoice(index=o.index, delta=DeltaMessage(content=o.text),
+                                                 finish_reason=o.finish_reason,
+                                                 logprobs=token_text.chat(o.token_ids, o.logprobs))])
+    except Exception as e:  # the engine failed or refused mid-stream: tell the client in-band, then end
+        yield sse(error_event(e))
+    else:
+        if include_usage:
+            yield chunk([], usage(prompt_tokens, completion, cached))
+    yield "data: [DONE]\n\n"
+
+
+async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: str, n: int, include_usage: bool,
+                            token_text: TokenText) -> AsyncIterator[str]:
+    rid, created = new_id("cmpl"), int(time.time())
+    prompt_tokens = completion = cached = 0
+    try:
+        async for i, delta in merged(streams):
+            for o in delta.outputs:
+                completion += len(o.token_ids)
+                choice = CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
+                                          logprobs=token_text.completion(o.token_ids, o.logprobs, 0))
+                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+            if delta.finished:
+                prompt_tokens += len(delta.prompt_token_ids)
+                cached += delta.num_cached_tokens
+    except Exception as e:  # the engine failed mid-stream: tell the client in-band, then end
+        yield sse(error_event(e))
+    else:
+        if include_usage:
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                         usage=usage(prompt_tokens, completion, cached)))
+    yield "data: [DONE]\n\n"
+
+
+def error_event(e: Exception) -> dict:
+    status, kind = status_of(e)
+    return error_json(status, str(e), kind)
