@@ -2,7 +2,9 @@
 
 import io
 import os
+import struct
 import tempfile
+import zlib
 from fractions import Fraction
 from typing import Callable
 
@@ -80,3 +82,14 @@ def make_audio_only_bytes() -> bytes:
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
     return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims width x height: decoding it would allocate width*height*3 bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -16,6 +16,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
+from media_samples import png_header_only
 from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.image import (
@@ -250,16 +251,6 @@ def test_unsupported_format(data):
     with pytest.raises(MediaError, match="not in a supported format; send one of: JPEG, .*PNG") as err:
         process_image(data, DEFAULTS)
     assert not isinstance(err.value, MediaTooLargeError)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that claims width x height: decoding it would allocate width*height*3 bytes."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_refused_before_decoding():

@@ -23,7 +23,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usa
 
 
 def sse(payload) -> str:
-    body = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    if hasattr(payload, "model_dump_json"):
+        body = payload.model_dump_json(exclude_none=True)
+    else:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return f"data: {body}\n\n"
 
 

@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -55,6 +56,10 @@ def run_serve(args: argparse.Namespace) -> None:
         mount_ui(app, api_base=f"http://127.0.0.1:{args.port}/v1", api_key=args.api_key, model=name)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain up to --shutdown-timeout) and then re-raises the
+    # signal to the handler it found; a no-op there lets us shut the engine down and exit with our own code.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     code = asyncio.run(serve_until_done(server, state))
     engine.shutdown()
     sys.exit(code)

@@ -1,0 +1,76 @@
+"""A real `vlserve serve` subprocess on a free 127.0.0.1 port, for tests that talk HTTP to it."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(model, *flags: str, api_key: str | None = None):
+    """Yields (base_url, process); the process is always stopped afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlserve.cli", "serve", str(model), "--port", str(port),
+           "--kv-cache-memory-gib", "0.25", "--uvicorn-log-level", "warning", *flags]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_healthy(base: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vlserve serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"vlserve serve did not become healthy within {START_TIMEOUT_S} s")
+
+
+def metric(base: str, name: str) -> float:
+    """One unlabelled-or-single-series value from /metrics."""
+    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+        if line.startswith(f"vlserve:{name}"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def wait_all_blocks_free(base: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (metric(base, "kv_cache_free_blocks") == metric(base, "kv_cache_total_blocks")
+                and metric(base, "num_requests_running") == 0 and metric(base, "num_requests_waiting") == 0):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"KV blocks still in use after {timeout} s: "
+                         f"{metric(base, 'kv_cache_free_blocks')} of {metric(base, 'kv_cache_total_blocks')} free")
