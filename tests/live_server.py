@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -27,11 +28,12 @@ def live_server(model, *flags: str, api_key: str | None = None):
            "--kv-cache-memory-gib", "0.25", "--uvicorn-log-level", "warning", *flags]
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on its output
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, proc)
+        wait_healthy(base, proc, log)
         yield base, proc
     finally:
         if proc.poll() is None:
@@ -41,13 +43,15 @@ def live_server(model, *flags: str, api_key: str | None = None):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
 
 
-def wait_healthy(base: str, proc: subprocess.Popen) -> None:
+def wait_healthy(base: str, proc: subprocess.Popen, log) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vlserve serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"vlserve serve exited with {proc.returncode}:\n{log.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return

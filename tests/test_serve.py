@@ -167,3 +167,12 @@ def test_sigterm_drains_in_flight_requests(tiny_ckpt):
         events = [line for line in rest if line]
         assert '"finish_reason":"length"' in events[-2] and events[-1] == "data: [DONE]"  # finished, not cut
         assert proc.wait(timeout=30) == 0
+
+
+def test_chat_page_needs_the_key_when_one_is_set(server):
+    """The page holds the server's key, so it is behind a login whose password is that key."""
+    assert httpx.get(f"{server}/ui/config").status_code == 401
+    with httpx.Client(base_url=server) as c:
+        assert c.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code != 200
+        assert c.post("/ui/login", data={"username": "me", "password": KEY}).status_code == 200
+        assert c.get("/ui/config").status_code == 200

@@ -51,7 +51,9 @@ def run_make_tiny(args) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure throughput and latency")
-    add_bench_offline(p.add_subparsers(dest="bench_command", required=True))
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    add_bench_offline(bench)
+    add_bench_serve(bench)
 
 
 def add_workload_args(p) -> None:
@@ -72,6 +74,26 @@ def add_workload_args(p) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="1.0 as vLLM's benchmarks; 0 = greedy")
 
 
+def workload_from_args(args):
+    """The Workload the flags of add_workload_args (and --seed) describe."""
+    from vlserve.bench.prompts import Workload, parse_image_size
+
+    return Workload(
+        num_prompts=args.num_prompts, input_len=args.input_len, dataset=args.dataset,
+        image_size=parse_image_size(args.image_size), images_per_prompt=args.images_per_prompt,
+        same_image=args.same_image, output_len=args.output_len, ignore_eos=args.ignore_eos,
+        temperature=args.temperature, seed=args.seed,
+    )
+
+
+def check_json_path(path: str | None) -> None:
+    """Before the benchmark runs, not after: a typo must not cost the run."""
+    from vlserve.errors import ConfigError
+
+    if path and not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"--json {path}: its folder does not exist; create it or pick another path")
+
+
 def add_bench_offline(sub) -> None:
     from vlserve.args import add_engine_args
 
@@ -86,24 +108,51 @@ def add_bench_offline(sub) -> None:
 def run_bench_offline(args) -> None:
     from vlserve.args import engine_config
     from vlserve.bench.offline import run_offline
-    from vlserve.bench.prompts import Workload, parse_image_size
-    from vlserve.errors import ConfigError
     from vlserve.model.tiny import demo_checkpoint
 
-    workload = Workload(
-        num_prompts=args.num_prompts, input_len=args.input_len, dataset=args.dataset,
-        image_size=parse_image_size(args.image_size), images_per_prompt=args.images_per_prompt,
-        same_image=args.same_image, output_len=args.output_len, ignore_eos=args.ignore_eos,
-        temperature=args.temperature, seed=args.seed,
-    )
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ConfigError(f"--json {args.json}: its folder does not exist; create it or pick another path")
+    workload = workload_from_args(args)
+    check_json_path(args.json)
     model = args.model
     if model is None:
         model = str(demo_checkpoint())
         print(f"no MODEL given: using the demo checkpoint at {model}; its weights are random, so only the speed "
               "means anything")
     run_offline(engine_config(args, model), workload, args.json)
+
+
+def add_bench_serve(sub) -> None:
+    p = sub.add_parser("serve", help="throughput and latency of a running OpenAI-compatible server, streaming")
+    p.add_argument("--base-url", required=True, help="the server's root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY)")
+    p.add_argument("--model", help="model name to ask for (default: the first one the server lists)")
+    p.add_argument("--tokenizer", help="folder holding the model's tokenizer, to build prompts of exact lengths "
+                   "(default: the model folder the server names, which must then be on this machine)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                   help="/v1/chat/completions or /v1/completions (text only)")
+    p.add_argument("--concurrency", type=int, help="requests in flight at most (default: no cap)")
+    p.add_argument("--request-rate", type=float, help="requests per second, Poisson arrivals seeded by --seed "
+                   "(default: all at once); combines with --concurrency")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one request may take before it counts as failed")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    add_workload_args(p)
+    p.set_defaults(func=run_bench_serve)
+
+
+def run_bench_serve(args) -> None:
+    import os
+
+    from vlserve.bench.serve import ServeBench, run_serve_bench
+
+    cfg = ServeBench(
+        base_url=args.base_url, api_key=args.api_key or os.environ.get("VLSERVE_API_KEY"), model=args.model,
+        tokenizer=args.tokenizer, endpoint=args.endpoint, concurrency=args.concurrency,
+        request_rate=args.request_rate, request_timeout_s=args.request_timeout,
+    )
+    workload = workload_from_args(args)
+    check_json_path(args.json)
+    run_serve_bench(cfg, workload, args.json)
 
 
 def add_ui(sub) -> None:

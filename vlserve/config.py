@@ -263,6 +263,8 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     vision_cache_mib: int = 512  # encoded images/videos kept for reuse (multi-turn chats)
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
 
@@ -279,6 +281,7 @@ class EngineConfig:
         positive("--kv-cache-memory-gib", self.kv_cache_memory_gib)
         positive("--num-gpu-blocks-override", self.num_gpu_blocks_override, allow_none=True)
         positive("--vision-cache-mib", self.vision_cache_mib)
+        positive("--tensor-parallel-size", self.tensor_parallel_size)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size <= 0 or self.block_size % 16:
@@ -292,3 +295,19 @@ class EngineConfig:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"--device {self.device!r} must be auto, cpu or cuda[:N]")
         return torch.device(self.device)
+
+
+def valid_tensor_parallel_sizes(cfg: ModelConfig, up_to: int = 64) -> list[int]:
+    """Sizes that split attention heads, KV heads (or replicate them evenly) and the MLP across ranks."""
+    kv = cfg.num_key_value_heads
+    return [t for t in range(1, up_to + 1)
+            if cfg.num_attention_heads % t == 0 and (kv % t == 0 or t % kv == 0) and cfg.intermediate_size % t == 0]
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    valid = valid_tensor_parallel_sizes(cfg)
+    if tp not in valid:
+        raise ConfigError(
+            f"--tensor-parallel-size {tp} does not split this model: {cfg.num_attention_heads} attention heads, "
+            f"{cfg.num_key_value_heads} KV heads, MLP width {cfg.intermediate_size}; valid sizes: "
+            f"{', '.join(map(str, valid))}")

@@ -20,6 +20,7 @@ class RequestTiming:
     output_tokens: int
     ttft: float  # seconds from submission to the first output token
     latency: float  # seconds from submission to the last output token
+    itl: tuple[float, ...] = ()  # gaps between streamed chunks (serving only; a chunk may carry several tokens)
 
     @property
     def tpot(self) -> float | None:
@@ -47,6 +48,8 @@ class BenchSummary:
     ttft_ms: Percentiles | None
     tpot_ms: Percentiles | None
     e2e_latency_ms: Percentiles | None
+    itl_ms: Percentiles | None = None  # None where nothing was streamed
+    failed_requests: int | None = None  # None where a request cannot fail without failing the benchmark
     # engine counters: None where the benchmark cannot see them
     prefix_cache_hit_rate: float | None = None  # prompt tokens found in the prefix cache / prompt tokens looked up
     preemptions: int | None = None
@@ -62,7 +65,8 @@ def percentiles_ms(seconds: list[float]) -> Percentiles | None:
 
 
 def summarize(timings: list[RequestTiming], elapsed_s: float, prefix_cache_hit_rate: float | None = None,
-              preemptions: int | None = None) -> BenchSummary:
+              preemptions: int | None = None, failed_requests: int | None = None) -> BenchSummary:
+    """`timings` are the successful requests'; the rates count only them."""
     prompt = sum(t.prompt_tokens for t in timings)
     output = sum(t.output_tokens for t in timings)
     return BenchSummary(
@@ -72,18 +76,22 @@ def summarize(timings: list[RequestTiming], elapsed_s: float, prefix_cache_hit_r
         ttft_ms=percentiles_ms([t.ttft for t in timings]),
         tpot_ms=percentiles_ms([t.tpot for t in timings if t.tpot is not None]),
         e2e_latency_ms=percentiles_ms([t.latency for t in timings]),
+        itl_ms=percentiles_ms([gap for t in timings for gap in t.itl]), failed_requests=failed_requests,
         prefix_cache_hit_rate=prefix_cache_hit_rate, preemptions=preemptions,
     )
 
 
 def report(title: str, context: dict[str, str], s: BenchSummary) -> str:
-    """The human-readable table; `context` (model, device, ...) goes on top."""
+    """The human-readable table; `context` (model, device, ...) goes on top. Requests are the successful ones."""
+    failed = [] if s.failed_requests is None else [("Failed requests", s.failed_requests)]
+    itl = [] if s.itl_ms is None else [("ITL (ms)", _row(s.itl_ms))]
     rows = [*context.items(),
-            ("Requests", s.num_requests), ("Prompt tokens", s.prompt_tokens), ("Output tokens", s.output_tokens),
-            ("Elapsed (s)", f"{s.elapsed_s:.2f}"), ("Requests/s", f"{s.requests_per_s:.2f}"),
-            ("Output tok/s", f"{s.output_tokens_per_s:.1f}"), ("Total tok/s", f"{s.total_tokens_per_s:.1f}"),
+            ("Requests", s.num_requests), *failed, ("Prompt tokens", s.prompt_tokens),
+            ("Output tokens", s.output_tokens), ("Elapsed (s)", f"{s.elapsed_s:.2f}"),
+            ("Requests/s", f"{s.requests_per_s:.2f}"), ("Output tok/s", f"{s.output_tokens_per_s:.1f}"),
+            ("Total tok/s", f"{s.total_tokens_per_s:.1f}"),
             ("", f"{'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}"),
-            ("TTFT (ms)", _row(s.ttft_ms)), ("TPOT (ms)", _row(s.tpot_ms)),
+            ("TTFT (ms)", _row(s.ttft_ms)), ("TPOT (ms)", _row(s.tpot_ms)), *itl,
             ("E2E latency (ms)", _row(s.e2e_latency_ms))]
     if s.prefix_cache_hit_rate is not None:
         rows.append(("Prefix cache hit rate", f"{s.prefix_cache_hit_rate:.1%}"))

@@ -85,6 +85,7 @@ class AsyncEngine:
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout)
+        self.engine.shutdown()
 
     # ---- engine thread ----
     def run(self) -> None:

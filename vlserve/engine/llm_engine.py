@@ -6,10 +6,12 @@ import time
 
 import torch
 
-from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, resolve_dtype
+from vlserve.config import (
+    DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, check_tensor_parallel, resolve_dtype,
+)
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
-from vlserve.engine.model_runner import ModelRunner
+from vlserve.distributed.executor import make_runner
 from vlserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from vlserve.engine.sampler import Sampler
 from vlserve.engine.sampling_params import SamplingParams
@@ -39,7 +41,8 @@ class LLMEngine:
         )
         self.tokenizer = load_tokenizer(config.model)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(self.model_config, config, self.device, self.dtype, progress=progress)
+        check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
         num_blocks = self.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -128,6 +131,9 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:

@@ -2,7 +2,7 @@
 runs the language model over the paged KV cache and returns the logits of the sequences that sample."""
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,13 +43,22 @@ class VisionCache:
 
 @dataclass
 class StepInput:
+    """Everything a rank needs to run one step; rank 0 builds it, other tensor-parallel ranks receive it."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor  # (3, T)
     meta: AttentionMetadata
     media_embeds: torch.Tensor | None
     media_mask: torch.Tensor | None
     sample_rows: list[int]  # row of each sampling sequence's last token in the flat batch
-    sample_seqs: list[Sequence]
+
+    def to(self, device: torch.device) -> "StepInput":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        meta = replace(self.meta, slot_mapping=move(self.meta.slot_mapping))
+        return StepInput(move(self.input_ids), move(self.positions), meta, move(self.media_embeds),
+                         move(self.media_mask), self.sample_rows)
 
 
 class ModelRunner:
@@ -66,6 +75,9 @@ class ModelRunner:
         per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
         return per_layer * len(self.attention_layers)
 
+    def shutdown(self) -> None:
+        """A one-process runner holds nothing beyond its tensors (tensor-parallel runners stop their workers)."""
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         for layer in self.attention_layers:
             layer.kv_cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
@@ -75,14 +87,18 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Computes `n` new tokens for each (seq, n); returns the sequences whose context is now complete and
         the (B, vocab) float32 logits of their last token, from which their next token is sampled."""
-        step = self.prepare(scheduled)
+        step, sample_seqs = self.prepare(scheduled)
+        return sample_seqs, self.run(step)
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> torch.Tensor:
+        step = step.to(self.device)
         hidden = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask)
         if not step.sample_rows:
-            return [], hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
-        rows = torch.tensor(step.sample_rows, device=self.device)
-        return step.sample_seqs, self.model.compute_logits(hidden[rows])
+            return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInput:
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence]]:
         encoded = self.encode_media(scheduled)
         ids, positions, slots, media_mask, media_rows = [], [], [], [], []
         cu, context_lens, tables, sample_rows, sample_seqs = [0], [], [], [], []
@@ -101,11 +117,13 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
-        meta = AttentionMetadata(cu, context_lens, tables, torch.tensor(slots, device=self.device))
+        # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
+        # here, and each moves it to its own device.
+        meta = AttentionMetadata(cu, context_lens, tables, torch.tensor(slots))
         embeds = torch.cat(media_rows) if media_rows else None
-        return StepInput(torch.tensor(ids, device=self.device), torch.cat(positions, dim=1).to(self.device), meta,
-                         embeds, torch.tensor(media_mask, device=self.device) if media_rows else None,
-                         sample_rows, sample_seqs)
+        step = StepInput(torch.tensor(ids), torch.cat(positions, dim=1), meta, embeds,
+                         torch.tensor(media_mask) if media_rows else None, sample_rows)
+        return step, sample_seqs
 
     def positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """(3, end - start): the prompt's M-RoPE rows, then `i + rope_delta` on all rows for generated tokens."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from vlserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+MAX_N = 128  # as OpenAI's n; each sample is a sequence, so an unbounded n could stall the engine
 
 
 @dataclass
@@ -49,8 +50,8 @@ class SamplingParams:
             number(name, getattr(self, name))
         for name in ("n", "top_k", "min_tokens"):
             number(name, getattr(self, name), ints=True)
-        if self.n < 1:
-            bad("n", f"must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            bad("n", f"must be in [1, {MAX_N}], got {self.n}")
         if self.temperature < 0:
             bad("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -1,7 +1,6 @@
 """Safe media sources: local files under one root, allowed domains only, byte limits, no redirects."""
 
 import base64
-import binascii
 import functools
 import hashlib
 import os
@@ -96,7 +95,7 @@ def _decode_data_url(source: str, policy: MediaPolicy) -> bytes:
         raise _too_large("data URL", policy)
     try:
         return base64.b64decode(payload, validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a non-ASCII character
         raise MediaError(
             f"data URL holds invalid base64 ({e}); it may be truncated: send the complete base64 text"
         ) from e

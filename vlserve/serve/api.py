@@ -2,6 +2,7 @@
 
 import asyncio
 import hmac
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -12,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlserve import __version__
 from vlserve.engine.async_engine import AsyncEngine
-from vlserve.errors import InvalidRequestError
+from vlserve.errors import InvalidRequestError, VLServeError
 from vlserve.serve.chat import EngineRequest, prepare_chat, prepare_completions, sampling_defaults
 from vlserve.serve.errors import AuthError, ModelNotFoundError, OverloadedError, status_of
 from vlserve.serve.metrics import Metrics
@@ -24,7 +25,8 @@ from vlserve.serve.responses import (
 )
 
 DISCONNECT_POLL_S = 0.5
-OPEN_PATHS = ("/health", "/version", "/metrics", "/ui")  # no API key needed (as vLLM: only /v1 is guarded)
+GUARDED_PREFIX = "/v1"  # as vLLM: the API needs the key; health, version, metrics and docs do not
+MAX_SEQUENCES_PER_REQUEST = 128  # prompts x n of one completions call, as the bound on n alone
 
 
 @dataclass
@@ -48,7 +50,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if state.api_key and not request.url.path.startswith(OPEN_PATHS):
+        if state.api_key and request.url.path.startswith(GUARDED_PREFIX):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {state.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
@@ -73,6 +75,9 @@ def build_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_json(e.status_code, str(e.detail), kind), status_code=e.status_code)
 
+    # A VLServeError is the client's (or the load's) problem: answered here, not logged. Any other exception
+    # reaches Starlette's outermost handler, which answers 500 and lets uvicorn log the traceback.
+    @app.exception_handler(VLServeError)
     @app.exception_handler(Exception)
     async def any_error(_: Request, e: Exception):
         return error_response(e)
@@ -113,7 +118,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request):
         check_model(req.model, state)
         with admitted(state):
-            streams = submit_all(engine, prepare_completions(req, tokenizer, defaults))
+            prepared = prepare_completions(req, tokenizer, defaults)
+            if len(prepared) * req.n > MAX_SEQUENCES_PER_REQUEST:
+                raise InvalidRequestError(f"{len(prepared)} prompts x n={req.n} asks for more than "
+                                          f"{MAX_SEQUENCES_PER_REQUEST} sequences; split the batch")
+            streams = submit_all(engine, prepared)
             streams = [metrics.track(s) for s in streams]
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
@@ -138,23 +147,19 @@ def check_model(name: str | None, state: ServerState) -> None:
                                  f"{state.served_model_name!r} (see /v1/models)")
 
 
-class admitted:
+@contextmanager
+def admitted(s: ServerState):
     """Counts a request as pending while its handler prepares it; refuses beyond the bound."""
-
-    def __init__(self, state: ServerState):
-        self.state = state
-
-    def __enter__(self):
-        s = self.state
-        if s.draining:
-            raise OverloadedError("the server is shutting down; retry on another replica")
-        if len(s.engine.streams) + s.pending >= s.max_pending_requests:
-            raise OverloadedError(f"{s.max_pending_requests} requests are already running or waiting (the bound "
-                                  "is --max-num-seqs plus --max-queued-requests); retry shortly")
-        s.pending += 1
-
-    def __exit__(self, *exc):
-        self.state.pending -= 1
+    if s.draining:
+        raise OverloadedError("the server is shutting down; retry on another replica")
+    if len(s.engine.streams) + s.pending >= s.max_pending_requests:
+        raise OverloadedError(f"{s.max_pending_requests} requests are already running or waiting (the bound "
+                              "is --max-num-seqs plus --max-queued-requests); retry shortly")
+    s.pending += 1
+    try:
+        yield
+    finally:
+        s.pending -= 1
 
 
 def submit(engine: AsyncEngine, req: EngineRequest, request_id: str | None = None):

@@ -4,11 +4,22 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's JSON parser reads NaN and Infinity; no sampling or media parameter means anything with them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def unicode_only(cls, value):
+        """JSON escapes like "\\ud800" decode to lone surrogates, which are not text (no tokenizer takes them);
+        the UnicodeEncodeError (a ValueError) becomes the field's validation error."""
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                text.encode()
+        return value
 
 
 # ---- requests ----

@@ -53,7 +53,9 @@ def run_serve(args: argparse.Namespace) -> None:
     app = build_app(state)
     if not args.disable_ui:
         from vlserve.ui.app import mount_ui
-        mount_ui(app, api_base=f"http://127.0.0.1:{args.port}/v1", api_key=args.api_key, model=name)
+        local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
+        own_url = f"http://{'127.0.0.1' if local else args.host}:{args.port}/v1"
+        mount_ui(app, api_base=own_url, api_key=args.api_key, model=name)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     # uvicorn handles SIGTERM/SIGINT (stop accepting, drain up to --shutdown-timeout) and then re-raises the

@@ -1,0 +1,60 @@
+"""Tensor parallel over spawned processes (Gloo on CPU): same greedy tokens as one process; a dead worker fails
+requests instead of hanging; sizes that do not split the model are refused before anything loads."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from hf_reference import image_url, text
+from vlserve import LLM, SamplingParams
+from vlserve.config import ModelConfig, valid_tensor_parallel_sizes
+from vlserve.errors import ConfigError, EngineDeadError
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "user", "content": [image_url(224, 168, 7), text("What is in this picture?")]}],
+    [{"role": "user", "content": [image_url(112, 84, 1), text("and"), image_url(56, 140, 2), text("Compare.")]}],
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+def tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_ckpt", "tiny_sharded_ckpt"])
+def test_tp2_equals_one_process(request, fixture, tiny_ckpt):
+    ckpt = request.getfixturevalue(fixture)
+    expected = tokens(LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1))
+    llm = LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    try:
+        assert tokens(llm) == expected
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.engine.shutdown()
+
+
+def test_invalid_tp_size_names_valid_ones(tiny_ckpt):
+    cfg = ModelConfig.from_dir(tiny_ckpt)  # 4 heads, 2 KV heads, MLP 128
+    assert valid_tensor_parallel_sizes(cfg, up_to=8) == [1, 2, 4]
+    with pytest.raises(ConfigError, match=r"--tensor-parallel-size 3 .* valid sizes: 1, 2, 4"):
+        LLM(str(tiny_ckpt), device="cpu", progress=False, tensor_parallel_size=3)
+
+
+def test_dead_worker_fails_the_step(tiny_ckpt):
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    engine = llm.engine
+    try:
+        engine.add_request(llm.prepare("a long story")[0], SamplingParams(max_tokens=100, ignore_eos=True))
+        engine.step()
+        os.kill(engine.runner.workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises((EngineDeadError, RuntimeError)):
+            for _ in range(100):
+                engine.step()
+        assert time.monotonic() - start < 10
+    finally:
+        engine.shutdown()

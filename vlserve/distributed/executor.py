@@ -1,0 +1,144 @@
+"""Where the model runs: in this process, or as a tensor-parallel group of spawned processes (`mp`).
+
+With `mp`, rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings) and
+broadcasts it; ranks 1.. run the same step on their weight shards, so the all-reduces inside the model line up.
+Processes are always started with `spawn` (never fork after CUDA is initialised).
+"""
+
+import atexit
+import logging
+import multiprocessing as mp
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from vlserve.config import EngineConfig, ModelConfig
+from vlserve.distributed.parallel_state import TensorParallelGroup, set_tp_group
+from vlserve.engine.model_runner import ModelRunner
+from vlserve.errors import EngineDeadError
+
+log = logging.getLogger("vlserve.distributed")
+REDUCE_MIN = ("profile_free_blocks",)  # results every rank must agree on: the smallest wins
+
+
+def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                progress: bool = True):
+    if engine_cfg.tensor_parallel_size == 1:
+        set_tp_group(TensorParallelGroup())  # whole layers, whatever an earlier engine in this process used
+        return ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
+    return MultiprocRunner(model_cfg, engine_cfg, device, dtype, progress)
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    set_tp_group(TensorParallelGroup(rank, world, dist.group.WORLD))
+
+
+def control_group() -> dist.ProcessGroup:
+    """Step descriptions travel as pickled objects over Gloo (CPU), whatever carries the model's collectives."""
+    return dist.new_group(backend="gloo")
+
+
+def worker_main(rank: int, world: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                device: torch.device, dtype: torch.dtype) -> None:
+    device = rank_device(device, rank)
+    init_group(rank, world, init_method, device, engine_cfg.distributed_timeout_s)
+    control = control_group()
+    runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=control)
+        method, args = message[0]
+        if method == "shutdown":
+            break
+        result = getattr(runner, method)(*args)
+        if method in REDUCE_MIN:
+            min_across_ranks(result, control)
+    dist.destroy_process_group()
+
+
+def min_across_ranks(value: int, group) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiprocRunner:
+    """Rank 0 of the tensor-parallel group; the same interface as ModelRunner for the engine."""
+
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 progress: bool):
+        world = engine_cfg.tensor_parallel_size
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        self.workers = [ctx.Process(target=worker_main, name=f"vlserve-tp{rank}", daemon=True,
+                                    args=(rank, world, init_method, model_cfg, engine_cfg, device, dtype))
+                        for rank in range(1, world)]
+        for worker in self.workers:
+            worker.start()
+        atexit.register(self.shutdown)
+        init_group(0, world, init_method, rank_device(device, 0), engine_cfg.distributed_timeout_s)
+        self.control = control_group()
+        self.runner = ModelRunner(model_cfg, engine_cfg, rank_device(device, 0), dtype, progress=progress)
+        self.closed = False
+        log.info("tensor parallel: %d ranks (%s)", world, dist.get_backend())
+
+    @property
+    def vision_cache(self):
+        return self.runner.vision_cache
+
+    def kv_bytes_per_block(self) -> int:
+        return self.runner.kv_bytes_per_block()
+
+    def call(self, method: str, *args):
+        self.check_workers()
+        dist.broadcast_object_list([(method, args)], src=0, group=self.control)
+        return getattr(self.runner, method)(*args)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.call("allocate_kv_cache", num_blocks)
+
+    def profile_free_blocks(self, *args) -> int:
+        return min_across_ranks(self.call("profile_free_blocks", *args), self.control)
+
+    def execute(self, scheduled):
+        step, sample_seqs = self.runner.prepare(scheduled)
+        return sample_seqs, self.call("run", step)
+
+    def check_workers(self) -> None:
+        for worker in self.workers:
+            if not worker.is_alive():
+                raise EngineDeadError(f"tensor-parallel worker {worker.name} exited (code {worker.exitcode}); "
+                                      "restart the server")
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if all(w.is_alive() for w in self.workers):
+            dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
+        else:  # the group is broken: stop the survivors rather than wait on a collective
+            for worker in self.workers:
+                worker.kill()
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+        dist.destroy_process_group()
+        set_tp_group(TensorParallelGroup())
