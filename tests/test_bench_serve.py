@@ -3,14 +3,11 @@ concurrent streaming chats with images leaving no KV block behind, and the error
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
+from live_server import free_port, live_server, wait_all_blocks_free
 from PIL import Image
 
 from vlserve.bench.prompts import BenchPrompt, Workload
@@ -22,45 +19,10 @@ STARTUP_S = 120
 IDLE_POLL_S = 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    """The server's base URL; its output goes to a file, since an unread pipe would fill and stall it."""
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vlserve.cli", "serve", str(tiny_ckpt), "--port", str(port),
-                                 "--kv-cache-memory-gib", "0.25", "--max-model-len", str(MAX_MODEL_LEN),
-                                 "--disable-ui", "--uvicorn-log-level", "warning"], stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log)
+def server(tiny_ckpt):
+    with live_server(tiny_ckpt, "--max-model-len", str(MAX_MODEL_LEN), "--disable-ui") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"the server was not healthy within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
 
 
 def bench(capsys, url: str, *args) -> tuple[int, str, str]:
@@ -71,11 +33,6 @@ def bench(capsys, url: str, *args) -> tuple[int, str, str]:
 
 def figure(out: str, label: str) -> float:
     return float(re.search(rf"^{re.escape(label)}:\s+([\d.]+)", out, re.M)[1])
-
-
-def engine_gauges(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^vlserve:(\w+)\{[^}]*\} (\S+)$", text, re.M)}
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -130,15 +87,7 @@ def test_100_concurrent_image_chats_leave_the_engine_idle(server, capsys):
     print(out, f"wall time {time.monotonic() - start:.1f} s", sep="\n")  # shown with -s
     assert code == 0 and figure(out, "Requests") == 100 and figure(out, "Failed requests") == 0
     assert figure(out, "Output tokens") == 800
-    deadline = time.monotonic() + IDLE_POLL_S  # the engine frees a request's blocks just after its last chunk
-    while True:
-        g = engine_gauges(server)
-        idle = g["kv_cache_free_blocks"] == g["kv_cache_total_blocks"] and \
-            g["num_requests_running"] == g["num_requests_waiting"] == 0
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert idle, g
+    wait_all_blocks_free(server, IDLE_POLL_S)  # the engine frees a request's blocks just after its last chunk
 
 
 def test_failed_requests_are_counted_and_shown(server, tmp_path, capsys):

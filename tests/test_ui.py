@@ -7,17 +7,21 @@ import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import gradio as gr
-import httpx
 import openai
 import pytest
+from live_server import free_port, live_server, metric
 
-from vlserve.ui.chat_page import Backend, Turn, chat_view, error_text, media_part, to_messages
+from vlserve.ui.chat_page import (
+    Backend,
+    Turn,
+    chat_view,
+    error_text,
+    media_part,
+    to_messages,
+)
 
 IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 VIDEO_PART = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,BBBB"}}
@@ -99,12 +103,6 @@ async def scripted_server(status: int, body: list[bytes]):
         yield Backend(f"http://127.0.0.1:{port}/v1", None, "m"), closed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
@@ -184,51 +182,20 @@ def test_cancelling_the_stream_closes_the_connection():
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SERVER_START_S = 180  # the tiny checkpoint loads in seconds; the rest is slack for a busy CI machine
 WAIT_S = 60  # any single thing the page should do
 
 
 @pytest.fixture
-def live_server(tiny_ckpt, device, tmp_path):
+def served(tiny_ckpt):
     """`vlserve serve` on the tiny checkpoint, at most 1 image per prompt (so the page can be shown an error)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "vlserve.cli", "serve", str(tiny_ckpt), "--port", str(port), "--device", device,
-           "--limit-mm-per-prompt", '{"image": 1}', "--kv-cache-memory-gib", "0.5", "--shutdown-timeout", "5"]
-    base = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "serve.log", "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + SERVER_START_S
-            while True:
-                assert proc.poll() is None, f"vlserve serve exited with {proc.returncode}:\n{read(log)}"
-                assert time.monotonic() < deadline, f"vlserve serve not ready in {SERVER_START_S}s:\n{read(log)}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.5)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def read(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-5000:]
+    with live_server(tiny_ckpt, "--limit-mm-per-prompt", '{"image": 1}', "--shutdown-timeout", "5") as (base, _):
+        yield base
 
 
 def running_requests(base: str) -> tuple[float, float, float]:
     """(requests running, free KV blocks, total KV blocks) from the server's Prometheus metrics."""
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-
-    def value(name):
-        return float(re.search(rf"^vlserve:{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE).group(1))
-    return value("num_requests_running"), value("kv_cache_free_blocks"), value("kv_cache_total_blocks")
+    return tuple(metric(base, name) for name in ("num_requests_running", "kv_cache_free_blocks",
+                                                 "kv_cache_total_blocks"))
 
 
 def wait_for(what: str, check, timeout: float = WAIT_S, every: float = 0.2):
@@ -243,13 +210,13 @@ def wait_for(what: str, check, timeout: float = WAIT_S, every: float = 0.2):
 
 @pytest.fixture
 def sync_playwright():
-    """Requested before `live_server`, so a missing browser skips before a server starts."""
+    """Requested before `served`, so a missing browser skips before a server starts."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no chromium at {CHROMIUM}: install Debian's chromium to run the browser test")
     return pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright").sync_playwright
 
 
-def test_chat_page_in_a_browser(sync_playwright, live_server, tmp_path):
+def test_chat_page_in_a_browser(sync_playwright, served, tmp_path):
     from PIL import Image
 
     image = tmp_path / "red.png"
@@ -259,7 +226,7 @@ def test_chat_page_in_a_browser(sync_playwright, live_server, tmp_path):
         try:
             page = browser.new_page()
             page.set_default_timeout(WAIT_S * 1000)
-            drive_chat(page, live_server, str(image))
+            drive_chat(page, served, str(image))
         finally:
             browser.close()
 
