@@ -1,5 +1,5 @@
-"""Tensor parallel over spawned processes (Gloo on CPU): same greedy tokens as one process; a dead worker fails
-requests instead of hanging; sizes that do not split the model are refused before anything loads."""
+"""Tensor and pipeline parallel over spawned processes (Gloo on CPU): the same greedy tokens as one process; a
+dead worker fails requests instead of hanging; sizes that do not split the model are refused before loading."""
 
 import os
 import signal
@@ -10,6 +10,7 @@ import pytest
 from hf_reference import image_url, text
 from vlserve import LLM, SamplingParams
 from vlserve.config import ModelConfig, valid_tensor_parallel_sizes
+from vlserve.distributed.parallel_state import stage_layers
 from vlserve.errors import ConfigError, EngineDeadError
 
 CONVERSATIONS = [
@@ -24,11 +25,15 @@ def tokens(llm):
     return [o.outputs[0].token_ids for o in llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_ckpt", "tiny_sharded_ckpt"])
-def test_tp2_equals_one_process(request, fixture, tiny_ckpt):
+@pytest.mark.parametrize("fixture, tp, pp", [("tiny_ckpt", 2, 1), ("tiny_sharded_ckpt", 2, 1),
+                                             ("tiny_ckpt", 1, 2), ("tiny_sharded_ckpt", 1, 3),
+                                             ("tiny_sharded_ckpt", 2, 2)])
+def test_parallel_equals_one_process(request, fixture, tp, pp):
+    """tiny_sharded has tied embeddings (the last stage loads the shared matrix) and 3 layers over 2 stages."""
     ckpt = request.getfixturevalue(fixture)
     expected = tokens(LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1))
-    llm = LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    llm = LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp)
     try:
         assert tokens(llm) == expected
         bm = llm.engine.block_manager
@@ -37,11 +42,19 @@ def test_tp2_equals_one_process(request, fixture, tiny_ckpt):
         llm.engine.shutdown()
 
 
-def test_invalid_tp_size_names_valid_ones(tiny_ckpt):
-    cfg = ModelConfig.from_dir(tiny_ckpt)  # 4 heads, 2 KV heads, MLP 128
+def test_invalid_sizes_say_what_works(tiny_ckpt):
+    cfg = ModelConfig.from_dir(tiny_ckpt)  # 4 heads, 2 KV heads, MLP 128, 2 layers
     assert valid_tensor_parallel_sizes(cfg, up_to=8) == [1, 2, 4]
     with pytest.raises(ConfigError, match=r"--tensor-parallel-size 3 .* valid sizes: 1, 2, 4"):
         LLM(str(tiny_ckpt), device="cpu", progress=False, tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match=r"--pipeline-parallel-size 3 exceeds the model's 2 layers"):
+        LLM(str(tiny_ckpt), device="cpu", progress=False, pipeline_parallel_size=3)
+
+
+def test_stage_layers_split_evenly():
+    assert [list(stage_layers(80, 3, s)) for s in range(3)] == [list(range(0, 27)), list(range(27, 54)),
+                                                                 list(range(54, 80))]
+    assert [len(stage_layers(28, 8, s)) for s in range(8)] == [4, 4, 4, 4, 3, 3, 3, 3]
 
 
 def test_dead_worker_fails_the_step(tiny_ckpt):

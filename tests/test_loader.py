@@ -22,7 +22,7 @@ def test_loads_every_tensor_exactly(any_ckpt):
     cfg = ModelConfig.from_dir(any_ckpt)
     model = load_model(cfg, torch.float32, "cpu", progress=False)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(any_ckpt, dtype=torch.float32)
-    ours = model.model.layers[0].self_attn.qkv_proj.weight
+    ours = model.model.layers["0"].self_attn.qkv_proj.weight
     theirs = hf.model.language_model.layers[0].self_attn
     assert torch.equal(ours, torch.cat([theirs.q_proj.weight, theirs.k_proj.weight, theirs.v_proj.weight]))
     conv = hf.model.visual.patch_embed.proj.weight
@@ -35,7 +35,7 @@ def test_loads_every_tensor_exactly(any_ckpt):
 def test_casts_to_dtype_and_keeps_rotary_in_fp32(tiny_ckpt, dtype):
     model = load_model(ModelConfig.from_dir(tiny_ckpt), dtype, "cpu", progress=False)
     assert {p.dtype for p in model.parameters()} == {dtype}
-    assert model.model.layers[0].self_attn.rotary.inv_freq.dtype == torch.float32
+    assert model.model.layers["0"].self_attn.rotary.inv_freq.dtype == torch.float32
 
 
 def test_reads_checkpoints_saved_by_transformers_5(tiny_ckpt, tmp_path):

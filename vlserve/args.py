@@ -26,6 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: fraction of the card's memory vlserve may use")
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split each layer")
+    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="stages that split the layers")
     g.add_argument("--vision-cache-mib", type=int, default=512, help="encoded images kept for reuse across turns")
     g.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4, "video": 1}\'')
     g.add_argument("--mm-processor-kwargs", default=None,
@@ -64,6 +65,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks_override=args.num_gpu_blocks_override,
         vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
     )

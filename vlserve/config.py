@@ -264,6 +264,7 @@ class EngineConfig:
     vision_cache_mib: int = 512  # encoded images/videos kept for reuse (multi-turn chats)
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     distributed_timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
@@ -282,6 +283,7 @@ class EngineConfig:
         positive("--num-gpu-blocks-override", self.num_gpu_blocks_override, allow_none=True)
         positive("--vision-cache-mib", self.vision_cache_mib)
         positive("--tensor-parallel-size", self.tensor_parallel_size)
+        positive("--pipeline-parallel-size", self.pipeline_parallel_size)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size <= 0 or self.block_size % 16:
@@ -311,3 +313,9 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
             f"--tensor-parallel-size {tp} does not split this model: {cfg.num_attention_heads} attention heads, "
             f"{cfg.num_key_value_heads} KV heads, MLP width {cfg.intermediate_size}; valid sizes: "
             f"{', '.join(map(str, valid))}")
+
+
+def check_pipeline_parallel(cfg: ModelConfig, pp: int) -> None:
+    if pp > cfg.num_hidden_layers:
+        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {cfg.num_hidden_layers} layers; "
+                          f"use at most {cfg.num_hidden_layers} stages")

@@ -1,8 +1,10 @@
-"""Where the model runs: in this process, or as a tensor-parallel group of spawned processes (`mp`).
+"""Where the model runs: in this process, or as tensor-parallel groups in pipeline stages, one spawned process
+per rank (`mp`).
 
-With `mp`, rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings) and
-broadcasts it; ranks 1.. run the same step on their weight shards, so the all-reduces inside the model line up.
-Processes are always started with `spawn` (never fork after CUDA is initialised).
+With `mp`, global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings)
+and broadcasts it; every rank runs its part (its weight shard of its stage's layers), so the collectives inside
+the model line up, and stages hand hidden states on. Processes are always started with `spawn` (never fork
+after CUDA is initialised). Stages run one after another for a step (no micro-batches in flight yet).
 """
 
 import atexit
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from vlserve.config import EngineConfig, ModelConfig
-from vlserve.distributed.parallel_state import TensorParallelGroup, set_tp_group
+from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
+    set_tp_group
 from vlserve.engine.model_runner import ModelRunner
 from vlserve.errors import EngineDeadError
 
@@ -25,8 +28,8 @@ REDUCE_MIN = ("profile_free_blocks",)  # results every rank must agree on: the s
 
 def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                 progress: bool = True):
-    if engine_cfg.tensor_parallel_size == 1:
-        set_tp_group(TensorParallelGroup())  # whole layers, whatever an earlier engine in this process used
+    if engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size == 1:
+        reset()  # whole layers in one stage, whatever an earlier engine in this process used
         return ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
     return MultiprocRunner(model_cfg, engine_cfg, device, dtype, progress)
 
@@ -35,13 +38,19 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float) -> None:
+def init_groups(rank: int, tp: int, pp: int, init_method: str, device: torch.device, timeout_s: float) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp * pp,
                             timeout=timedelta(seconds=timeout_s))
-    set_tp_group(TensorParallelGroup(rank, world, dist.group.WORLD))
+    stage = rank // tp
+    for s in range(pp):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(s * tp, (s + 1) * tp)))
+        if s == stage:
+            set_tp_group(TensorParallelGroup(rank % tp, tp, group))
+    set_pipeline_stage(PipelineStage(stage, pp, rank - tp if stage > 0 else None,
+                                     rank + tp if stage < pp - 1 else None))
 
 
 def control_group() -> dist.ProcessGroup:
@@ -49,10 +58,11 @@ def control_group() -> dist.ProcessGroup:
     return dist.new_group(backend="gloo")
 
 
-def worker_main(rank: int, world: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                 device: torch.device, dtype: torch.dtype) -> None:
     device = rank_device(device, rank)
-    init_group(rank, world, init_method, device, engine_cfg.distributed_timeout_s)
+    init_groups(rank, engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size, init_method, device,
+                engine_cfg.distributed_timeout_s)
     control = control_group()
     runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
     while True:
@@ -80,24 +90,24 @@ def free_port() -> int:
 
 
 class MultiprocRunner:
-    """Rank 0 of the tensor-parallel group; the same interface as ModelRunner for the engine."""
+    """Global rank 0; the same interface as ModelRunner for the engine."""
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  progress: bool):
-        world = engine_cfg.tensor_parallel_size
+        tp, pp = engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
-        self.workers = [ctx.Process(target=worker_main, name=f"vlserve-tp{rank}", daemon=True,
-                                    args=(rank, world, init_method, model_cfg, engine_cfg, device, dtype))
-                        for rank in range(1, world)]
+        self.workers = [ctx.Process(target=worker_main, name=f"vlserve-rank{rank}", daemon=True,
+                                    args=(rank, init_method, model_cfg, engine_cfg, device, dtype))
+                        for rank in range(1, tp * pp)]
         for worker in self.workers:
             worker.start()
         atexit.register(self.shutdown)
-        init_group(0, world, init_method, rank_device(device, 0), engine_cfg.distributed_timeout_s)
+        init_groups(0, tp, pp, init_method, rank_device(device, 0), engine_cfg.distributed_timeout_s)
         self.control = control_group()
         self.runner = ModelRunner(model_cfg, engine_cfg, rank_device(device, 0), dtype, progress=progress)
         self.closed = False
-        log.info("tensor parallel: %d ranks (%s)", world, dist.get_backend())
+        log.info("tensor parallel %d x pipeline parallel %d over %s", tp, pp, dist.get_backend())
 
     @property
     def vision_cache(self):
@@ -124,8 +134,7 @@ class MultiprocRunner:
     def check_workers(self) -> None:
         for worker in self.workers:
             if not worker.is_alive():
-                raise EngineDeadError(f"tensor-parallel worker {worker.name} exited (code {worker.exitcode}); "
-                                      "restart the server")
+                raise EngineDeadError(f"worker {worker.name} exited (code {worker.exitcode}); restart the server")
 
     def shutdown(self) -> None:
         if self.closed:
@@ -141,4 +150,4 @@ class MultiprocRunner:
             if worker.is_alive():
                 worker.kill()
         dist.destroy_process_group()
-        set_tp_group(TensorParallelGroup())
+        reset()

@@ -1,4 +1,8 @@
-"""Tensor-parallel group state. Until a group is set up, every layer runs as rank 0 of 1."""
+"""Where this process sits: its tensor-parallel group and its pipeline stage.
+
+Until groups are set up, every layer runs as rank 0 of 1 in the only stage. Global rank r holds stage
+r // tp_size and tensor-parallel rank r % tp_size.
+"""
 
 from dataclasses import dataclass
 
@@ -13,12 +17,40 @@ class TensorParallelGroup:
     group: dist.ProcessGroup | None = None
 
 
+@dataclass
+class PipelineStage:
+    stage: int = 0
+    num_stages: int = 1
+    prev_rank: int | None = None  # global rank of the same tensor-parallel rank in the previous stage
+    next_rank: int | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
 _TP = TensorParallelGroup()
+_PP = PipelineStage()
 
 
 def set_tp_group(group: TensorParallelGroup) -> None:
     global _TP
     _TP = group
+
+
+def set_pipeline_stage(stage: PipelineStage) -> None:
+    global _PP
+    _PP = stage
+
+
+def reset() -> None:
+    """Back to one process: whole layers, one stage."""
+    set_tp_group(TensorParallelGroup())
+    set_pipeline_stage(PipelineStage())
 
 
 def tp_rank() -> int:
@@ -27,6 +59,10 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return _TP.size
+
+
+def pipeline_stage() -> PipelineStage:
+    return _PP
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -41,3 +77,10 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous(), group=_TP.group)
     return torch.cat(parts, dim=dim)
+
+
+def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
+    """Even split; when it does not divide, the first stages take one layer more."""
+    base, extra = divmod(num_layers, num_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))

@@ -7,7 +7,8 @@ import time
 import torch
 
 from vlserve.config import (
-    DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, check_tensor_parallel, resolve_dtype,
+    DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, check_pipeline_parallel,
+    check_tensor_parallel, resolve_dtype,
 )
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
@@ -42,6 +43,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         torch.manual_seed(config.seed)
         check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        check_pipeline_parallel(self.model_config, config.pipeline_parallel_size)
         self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
         num_blocks = self.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)

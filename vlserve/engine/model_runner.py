@@ -5,8 +5,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from vlserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from vlserve.distributed.parallel_state import pipeline_stage, tp_size
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
 from vlserve.media.item import MediaItem
@@ -91,12 +93,41 @@ class ModelRunner:
         return sample_seqs, self.run(step)
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> torch.Tensor:
-        step = step.to(self.device)
-        hidden = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask)
-        if not step.sample_rows:
-            return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """Runs this rank's part of the step; returns the sampling logits on global rank 0, None elsewhere."""
+        step, stage = step.to(self.device), pipeline_stage()
+        intermediate = None if stage.is_first else self.receive_intermediate(len(step.input_ids), stage)
+        out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask,
+                         intermediate)
+        if not stage.is_last:
+            for t in out:
+                dist.send(t.contiguous(), stage.next_rank)
+            logits = None
+        elif step.sample_rows:
+            logits = self.model.compute_logits(out[torch.tensor(step.sample_rows, device=self.device)])
+        else:
+            logits = out.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
+        return logits if stage.num_stages == 1 else self.logits_to_rank0(logits, len(step.sample_rows), stage)
+
+    def receive_intermediate(self, num_tokens: int, stage) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = tuple(torch.empty(num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+                      for _ in range(2))  # hidden states and the residual stream
+        for t in parts:
+            dist.recv(t, stage.prev_rank)
+        return parts
+
+    def logits_to_rank0(self, logits, rows: int, stage) -> torch.Tensor | None:
+        """Sampling happens on global rank 0 (first stage): the last stage's first rank ships the logits."""
+        last_first = (stage.num_stages - 1) * tp_size()
+        rank = dist.get_rank()
+        if rank == last_first and rows:
+            dist.send(logits, 0)
+        if rank != 0:
+            return None
+        logits = torch.empty(rows, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        if rows:
+            dist.recv(logits, last_first)
+        return logits
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence]]:
         encoded = self.encode_media(scheduled)
@@ -174,11 +205,15 @@ class ModelRunner:
         logits for every seat), then gives the KV cache what `utilization` of the card leaves."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = sched.max_num_batched_tokens
+        tokens, stage = sched.max_num_batched_tokens, pipeline_stage()
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(tokens, device=self.device), AttentionMetadata.from_lengths([tokens]))
-        self.model.compute_logits(hidden[-min(sched.max_num_seqs, tokens):])
-        if self.cfg.is_multimodal:
+        intermediate = None if stage.is_first else tuple(
+            torch.zeros(tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device) for _ in range(2))
+        out = self.model(ids, torch.arange(tokens, device=self.device), AttentionMetadata.from_lengths([tokens]),
+                         intermediate=intermediate)
+        if stage.is_last:
+            self.model.compute_logits(out[-min(sched.max_num_seqs, tokens):])
+        if self.model.visual is not None:
             side = int(media.max_pixels**0.5) // PATCH_FACTOR * PATCH_FACTOR
             grid = (1, side // 14, side // 14)
             pixels = torch.zeros(grid[1] * grid[2], self.cfg.vision.patch_dim)

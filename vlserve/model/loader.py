@@ -67,8 +67,11 @@ def map_name(hf_name: str, model: Qwen2_5_VLForCausalLM) -> tuple[str, object] |
             hf_name = new + hf_name[len(old):]
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None  # recomputed, never loaded
-    if hf_name == "lm_head.weight" and model.cfg.tie_word_embeddings:
-        return None  # some tied checkpoints store the shared matrix twice
+    if model.cfg.tie_word_embeddings:
+        if hf_name == "lm_head.weight":
+            return None  # some tied checkpoints store the shared matrix twice
+        if hf_name == "model.embed_tokens.weight" and model.lm_head is not None and not model.stage.is_first:
+            return "lm_head.weight", None  # a last stage without the embedding still needs the shared matrix
     for part, (ours, shard) in model.packed_modules.items():
         if f".{part}." in hf_name:
             return hf_name.replace(f".{part}.", f".{ours}."), shard
@@ -97,6 +100,8 @@ def load_weights(model: Qwen2_5_VLForCausalLM, path: str | Path, progress: bool 
         with _open(file) as f:
             for hf_name in f.keys():
                 target = map_name(hf_name, model)
+                if target is not None and model.on_other_stage(target[0]):
+                    continue  # another pipeline stage reads it
                 if target is not None and target[0] not in params:
                     unexpected.append(hf_name)
                 elif target is not None:

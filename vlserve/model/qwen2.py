@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vlserve.config import ModelConfig
+from vlserve.distributed.parallel_state import pipeline_stage, stage_layers
 from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import Attention, AttentionMetadata
 from vlserve.model.layers.embedding import VocabParallelEmbedding
@@ -64,15 +65,19 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
+    """This pipeline stage's part: the embedding on the first stage, its run of layers (keyed by their global
+    index, so parameter names match the checkpoint), the final norm on the last stage."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        stage = pipeline_stage()
+        self.layer_ids = stage_layers(cfg.num_hidden_layers, stage.num_stages, stage.stage)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in self.layer_ids})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = embeds, None
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for layer in self.layers.values():
             x, residual = layer(x, residual, positions, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        return x, residual

@@ -4,10 +4,13 @@ Also serves plain Qwen2 text checkpoints (no vision tower). The forward pass tak
 the media pad tokens among them, the vision embeddings in order, so a prompt can be split across steps.
 """
 
+import re
+
 import torch
 from torch import nn
 
 from vlserve.config import ModelConfig
+from vlserve.distributed.parallel_state import pipeline_stage
 from vlserve.errors import InvalidRequestError
 from vlserve.media.item import MediaItem
 from vlserve.model.layers.attention import AttentionMetadata
@@ -29,12 +32,25 @@ class Qwen2_5_VLForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision) if cfg.vision is not None else None
+        self.stage = pipeline_stage()
+        first, last = self.stage.is_first, self.stage.is_last
+        self.visual = VisionTransformer(cfg.vision) if cfg.vision is not None and first else None
         self.model = Qwen2Model(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if last else None
+        if cfg.tie_word_embeddings and first and last:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.media_token_ids = (cfg.image_token_id, cfg.video_token_id)
+
+    def on_other_stage(self, name: str) -> bool:
+        """Whether a checkpoint tensor (by our parameter name) belongs to another pipeline stage."""
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if layer:  # a layer past the model's last is not elsewhere: the loader reports it as unexpected
+            return int(layer[1]) < self.cfg.num_hidden_layers and int(layer[1]) not in self.model.layer_ids
+        if name.startswith(("model.embed_tokens.", "visual.")):
+            return not self.stage.is_first
+        if name.startswith(("model.norm.", "lm_head.")):
+            return not self.stage.is_last
+        return False
 
     def encode_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
         """Vision embeddings, one (num_tokens, hidden) tensor per item."""
@@ -42,7 +58,7 @@ class Qwen2_5_VLForCausalLM(nn.Module):
             return []
         if self.visual is None:
             raise InvalidRequestError(f"{self.cfg.path} is a text-only model; send text without images or videos")
-        device = self.lm_head.weight.device
+        device = self.visual.patch_embed.proj.weight.device
         pixels = torch.cat([item.pixel_values for item in items]).to(device)
         embeds = self.visual(pixels, [item.grid_thw for item in items])
         return list(embeds.split([item.num_tokens for item in items]))
@@ -65,9 +81,18 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                media_embeds: torch.Tensor | None = None, media_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Returns final hidden states (T, hidden); `compute_logits` turns the ones you need into logits."""
-        return self.model(self.embed(input_ids, media_embeds, media_mask), positions, meta)
+                media_embeds: torch.Tensor | None = None, media_mask: torch.Tensor | None = None,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The last stage returns final hidden states (T, hidden), which `compute_logits` turns into logits; an
+        earlier stage returns (hidden, residual) for the next one, which passes them back in `intermediate`."""
+        if self.stage.is_first:
+            x, residual = self.embed(input_ids, media_embeds, media_mask), None
+        else:
+            x, residual = intermediate
+        x, residual = self.model(x, residual, positions, meta)
+        if not self.stage.is_last:
+            return x, residual
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

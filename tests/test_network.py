@@ -1,0 +1,206 @@
+"""Finding the interface that reaches the head node. Two "nodes" are network namespaces joined by a veth pair whose
+ends are named differently, each with a decoy `eth0` on another subnet; each must pick its own end of the link, and a
+Gloo all_reduce between them must succeed with the environment we compute (and fail with the decoy)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vlserve.distributed import network
+from vlserve.distributed.network import Interface, interface_env, parse_head_address, route_interface
+from vlserve.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+HEAD_IP, WORKER_IP = "10.231.7.1", "10.231.7.2"
+HEAD_IP6, WORKER_IP6 = "fd31:7::1", "fd31:7::2"
+HEAD_NIC, WORKER_NIC = "vls-head0", "vls-wrk9"
+OFF_LINK_IP = "10.99.0.1"  # on no link of either node: only the worker has a route to it, its default route
+
+
+def test_loopback_head():
+    assert route_interface("127.0.0.1") == Interface("lo", "127.0.0.1")
+    assert route_interface("localhost").name == "lo"  # names resolve (from /etc/hosts, so no DNS traffic)
+    assert Interface("lo", "127.0.0.1") in network.list_interfaces()
+
+
+def test_env_names_the_interface_exactly():
+    assert interface_env(Interface("ens5", "10.0.0.2")) == {"GLOO_SOCKET_IFNAME": "ens5", "NCCL_SOCKET_IFNAME": "=ens5"}
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+    ("head-node:6379", ("head-node", 6379)),
+    (" [fd00::1]:29500 ", ("fd00::1", 29500)),
+])
+def test_parse_head_address(address, expected):
+    assert parse_head_address(address) == expected
+
+
+@pytest.mark.parametrize("address, message", [
+    ("10.0.0.1", "needs a port"),
+    (":6379", "needs a host"),
+    ("10.0.0.1:", "must be a number from 1 to 65535"),
+    ("10.0.0.1:http", "must be a number from 1 to 65535"),
+    ("10.0.0.1:65536", "must be a number from 1 to 65535"),
+    ("fd00::1:6379", "put it in brackets"),
+    ("[fd00::1]", "needs a port"),
+    ("tcp://10.0.0.1:6379", "give just HOST:PORT"),
+])
+def test_malformed_head_address(address, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_head_address(address)
+
+
+def test_unresolvable_head_suggests_interface(monkeypatch):
+    def no_such_name(*args, **kwargs):  # a real lookup would send a DNS query
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    with pytest.raises(ConfigError, match=r"cannot resolve head address 'no-such-head'.*--interface NAME .*lo"):
+        route_interface("no-such-head")
+
+
+def test_source_address_on_no_interface(monkeypatch):
+    monkeypatch.setattr(network, "list_interfaces", lambda: [Interface("ens5", "10.0.0.2")])
+    with pytest.raises(ConfigError, match=r"from 127\.0\.0\.1, which is on no interface.*--interface NAME .*ens5"):
+        route_interface("127.0.0.1")
+
+
+@dataclass
+class Nodes:
+    head: str  # network namespace names
+    worker: str
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """Two namespaces, names unique to this process, deleted however the tests end."""
+    pid = os.getpid()
+    made = Nodes(f"vls-test-head-{pid}", f"vls-test-wrk-{pid}")
+    try:
+        _netns_or_skip(made.head)
+        _ip("netns", "add", made.worker)
+        _link(made)
+        yield made
+    finally:
+        for ns in (made.head, made.worker):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def test_each_node_picks_its_end_of_the_link(nodes):
+    worker = _probe(nodes.worker, HEAD_IP, HEAD_IP6, OFF_LINK_IP)
+    assert worker[HEAD_IP] == {"name": WORKER_NIC, "local_ip": WORKER_IP}
+    assert worker[HEAD_IP6] == {"name": WORKER_NIC, "local_ip": WORKER_IP6}
+    assert worker[OFF_LINK_IP] == {"name": "eth0", "local_ip": "10.231.9.2"}  # routes, not names, decide
+    head = _probe(nodes.head, WORKER_IP, HEAD_IP)
+    assert head[WORKER_IP] == {"name": HEAD_NIC, "local_ip": HEAD_IP}
+    assert head[HEAD_IP] == {"name": HEAD_NIC, "local_ip": HEAD_IP}  # the head's own address: its NIC, not lo
+
+
+def test_unroutable_head_suggests_interface(nodes):
+    error = _probe(nodes.head, OFF_LINK_IP)[OFF_LINK_IP]
+    assert f"no route from this node to head '{OFF_LINK_IP}'" in error
+    assert "pass --interface NAME (this node has: " in error and HEAD_NIC in error
+
+
+def test_gloo_all_reduce_across_nodes(nodes):
+    assert _all_reduce(nodes) == [f"{HEAD_NIC} 3.0", f"{WORKER_NIC} 3.0"]
+
+
+def test_gloo_fails_on_the_decoy_interface(nodes):
+    """The control: the worker's default-route NIC is the wrong choice, so the test above proves the env matters."""
+    with pytest.raises(AssertionError, match=r"rank \d failed"):
+        _all_reduce(nodes, worker_nic="eth0", timeout_s=5)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+def _netns_or_skip(name: str) -> None:
+    try:
+        _ip("netns", "add", name)
+    except FileNotFoundError:
+        pytest.skip("needs iproute2's `ip` to create network namespaces")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"cannot create a network namespace (needs root or CAP_SYS_ADMIN): {e.stderr.strip()}")
+
+
+def _link(nodes: Nodes) -> None:
+    """head: vls-head0 10.231.7.1, decoy eth0 10.231.8.1. worker: vls-wrk9 10.231.7.2, decoy eth0 10.231.9.2 holding
+    the default route, as a cloud VM's primary NIC would. A decoy is a veth whose peer stays in the same namespace
+    (this kernel may lack the dummy driver); the peer only gives it carrier."""
+    head, worker = nodes.head, nodes.worker
+    _ip("link", "add", HEAD_NIC, "netns", head, "type", "veth", "peer", "name", WORKER_NIC, "netns", worker)
+    for ns, nic, ip, ip6, decoy in ((head, HEAD_NIC, HEAD_IP, HEAD_IP6, "10.231.8.1"),
+                                    (worker, WORKER_NIC, WORKER_IP, WORKER_IP6, "10.231.9.2")):
+        _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer")
+        _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", nic)
+        _ip("-n", ns, "addr", "add", f"{ip6}/64", "dev", nic, "nodad")  # usable at once, no duplicate detection wait
+        _ip("-n", ns, "addr", "add", f"{decoy}/24", "dev", "eth0")
+        for link in ("lo", nic, "eth0", "eth0-peer"):
+            _ip("-n", ns, "link", "set", link, "up")
+    _ip("-n", worker, "route", "add", "default", "via", "10.231.9.254", "dev", "eth0")
+
+
+def _in_netns(ns: str, code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+PROBE = """
+import dataclasses, json, sys
+from vlserve.distributed.network import route_interface
+from vlserve.errors import ConfigError
+found = {}
+for head in sys.argv[1:]:
+    try:
+        found[head] = dataclasses.asdict(route_interface(head))
+    except ConfigError as e:
+        found[head] = str(e)
+print(json.dumps(found))
+"""
+
+
+def _probe(ns: str, *heads: str) -> dict:
+    """route_interface for each head, run inside the namespace: {head: Interface as a dict, or the error text}."""
+    out, err = _in_netns(ns, PROBE, *heads).communicate(timeout=30)
+    assert out, err
+    return json.loads(out)
+
+
+ALL_REDUCE = """
+import datetime, os, sys
+import torch
+import torch.distributed as dist
+from vlserve.distributed.network import interface_env, route_interface
+rank, peer, nic, timeout_s = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+env = interface_env(route_interface(peer))
+os.environ.update(env if nic == "route" else {"GLOO_SOCKET_IFNAME": nic})
+dist.init_process_group("gloo", init_method="tcp://%s:29511", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=timeout_s))
+x = torch.tensor([rank + 1.0])
+dist.all_reduce(x)
+print(os.environ["GLOO_SOCKET_IFNAME"], x.item())
+""" % HEAD_IP
+
+
+def _all_reduce(nodes: Nodes, worker_nic: str = "route", timeout_s: int = 30) -> list[str]:
+    """Rank 0 in the head namespace, rank 1 in the worker's; each sets its env from its own route to the other."""
+    ranks = [_in_netns(nodes.head, ALL_REDUCE, "0", WORKER_IP, "route", str(timeout_s)),
+             _in_netns(nodes.worker, ALL_REDUCE, "1", HEAD_IP, worker_nic, str(timeout_s))]
+    try:
+        results = [p.communicate(timeout=timeout_s + 30) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()  # no-op for a rank that has exited; never leave one running in a namespace we delete
+            p.wait()
+    for rank, (p, (out, err)) in enumerate(zip(ranks, results)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    return [out.strip() for out, _ in results]
