@@ -2,7 +2,10 @@
 completions, models, usage, and each error status; disconnects and SIGTERM free everything."""
 
 import base64
+import glob
+import os
 import signal
+import time
 
 import httpx
 import openai
@@ -176,3 +179,33 @@ def test_chat_page_needs_the_key_when_one_is_set(server):
         assert c.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code != 200
         assert c.post("/ui/login", data={"username": "me", "password": KEY}).status_code == 200
         assert c.get("/ui/config").status_code == 200
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_killed_worker_fails_requests_and_the_server_exits(tiny_ckpt):
+    """-tp 2: killing the second rank mid-generation gives the client an error event within 10 s, and the
+    server exits non-zero so a supervisor restarts it (the in-process failure test checks /health's 503)."""
+    with live_server(tiny_ckpt, "-tp", "2", "--disable-ui") as (base, proc):
+        workers = [p for p in children(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert workers, "no spawned worker found"
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        start = time.monotonic()
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(workers[0], signal.SIGKILL)
+            rest = list(lines)
+        assert any('"code":503' in line for line in rest) and time.monotonic() - start < 10
+        assert proc.wait(timeout=15) == 1
