@@ -10,10 +10,11 @@ import pytest
 from hf_reference import image_url, text
 from vlserve import LLM, SamplingParams
 from vlserve.config import ModelConfig, valid_tensor_parallel_sizes
+from vlserve.distributed.executor import balanced_owners
 from vlserve.distributed.parallel_state import stage_layers
 from vlserve.errors import ConfigError, EngineDeadError
 
-CONVERSATIONS = [
+CONVERSATIONS = [  # three new images in the first step: with -tp 2 the ranks share the vision work
     [{"role": "user", "content": "Hi there!"}],
     [{"role": "user", "content": [image_url(224, 168, 7), text("What is in this picture?")]}],
     [{"role": "user", "content": [image_url(112, 84, 1), text("and"), image_url(56, 140, 2), text("Compare.")]}],
@@ -49,6 +50,11 @@ def test_invalid_sizes_say_what_works(tiny_ckpt):
         LLM(str(tiny_ckpt), device="cpu", progress=False, tensor_parallel_size=3)
     with pytest.raises(ConfigError, match=r"--pipeline-parallel-size 3 exceeds the model's 2 layers"):
         LLM(str(tiny_ckpt), device="cpu", progress=False, pipeline_parallel_size=3)
+
+
+def test_images_are_spread_by_patch_count():
+    assert balanced_owners([100, 10, 60, 50], 2) == [0, 0, 1, 1]  # 100 + 10 vs 60 + 50
+    assert sorted(balanced_owners([5, 5, 5], 3)) == [0, 1, 2]
 
 
 def test_stage_layers_split_evenly():

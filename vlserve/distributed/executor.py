@@ -21,9 +21,11 @@ from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGrou
     set_tp_group
 from vlserve.engine.model_runner import ModelRunner
 from vlserve.errors import EngineDeadError
+from vlserve.media.item import MediaItem
 
 log = logging.getLogger("vlserve.distributed")
 REDUCE_MIN = ("profile_free_blocks",)  # results every rank must agree on: the smallest wins
+GATHER = ("encode_share",)  # results rank 0 collects from every rank
 
 
 def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
@@ -74,6 +76,8 @@ def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg:
         result = getattr(runner, method)(*args)
         if method in REDUCE_MIN:
             min_across_ranks(result, control)
+        elif method in GATHER:
+            dist.gather_object(result, None, dst=0, group=control)
     dist.destroy_process_group()
 
 
@@ -81,6 +85,15 @@ def min_across_ranks(value: int, group) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t.item())
+
+
+def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
+    """Rank for each item: largest first, each to the least-loaded rank."""
+    load, owner = [0] * ranks, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(ranks), key=load.__getitem__)
+        load[owner[i]] += sizes[i]
+    return owner
 
 
 def free_port() -> int:
@@ -106,6 +119,8 @@ class MultiprocRunner:
         init_groups(0, tp, pp, init_method, rank_device(device, 0), engine_cfg.distributed_timeout_s)
         self.control = control_group()
         self.runner = ModelRunner(model_cfg, engine_cfg, rank_device(device, 0), dtype, progress=progress)
+        self.runner.encode = self.encode_spread
+        self.tp = tp
         self.closed = False
         log.info("tensor parallel %d x pipeline parallel %d over %s", tp, pp, dist.get_backend())
 
@@ -126,6 +141,22 @@ class MultiprocRunner:
 
     def profile_free_blocks(self, *args) -> int:
         return min_across_ranks(self.call("profile_free_blocks", *args), self.control)
+
+    def encode_spread(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """Vision data mode: the first stage's ranks each encode a share of the step's new media (balanced by
+        patch count); rank 0 gathers the embeddings."""
+        if self.tp == 1 or len(items) < 2:
+            return self.runner.model.encode_media(items)
+        owner = balanced_owners([item.pixel_values.shape[0] for item in items], self.tp)
+        shares = [[item for item, o in zip(items, owner) if o == rank] for rank in range(self.tp)]
+        self.check_workers()
+        dist.broadcast_object_list([("encode_share", (shares,))], src=0, group=self.control)
+        mine = self.runner.model.encode_media(shares[0])
+        gathered = [None] * dist.get_world_size()
+        dist.gather_object([], gathered, dst=0, group=self.control)
+        gathered[0] = mine
+        parts = [iter(g) for g in gathered]
+        return [next(parts[o]).to(self.runner.device) for o in owner]
 
     def execute(self, scheduled):
         step, sample_seqs = self.runner.prepare(scheduled)

@@ -71,11 +71,20 @@ class ModelRunner:
         self.model = load_model(model_cfg, dtype, device, progress=progress)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.vision_cache = VisionCache(engine_cfg.vision_cache_mib << 20)
+        self.encode = self.model.encode_media  # a tensor-parallel runner spreads images over its ranks instead
 
     def kv_bytes_per_block(self) -> int:
         a = self.attention_layers[0]
         per_layer = 2 * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
         return per_layer * len(self.attention_layers)
+
+    def encode_share(self, shares: list[list[MediaItem]]) -> list[torch.Tensor]:
+        """This rank's share of a step's media, in data mode (the vision tower is whole on every first-stage
+        rank): embeddings come back on the CPU, to be gathered on rank 0."""
+        rank = dist.get_rank()
+        if not pipeline_stage().is_first or rank >= len(shares):
+            return []
+        return [e.cpu() for e in self.model.encode_media(shares[rank])]
 
     def shutdown(self) -> None:
         """A one-process runner holds nothing beyond its tensors (tensor-parallel runners stop their workers)."""
@@ -192,7 +201,7 @@ class ModelRunner:
                             encoded[key] = cached
         self.vision_cache.hits += len(encoded)
         self.vision_cache.misses += len(missing)
-        for key, embeds in zip(missing, self.model.encode_media(list(missing.values()))):
+        for key, embeds in zip(missing, self.encode(list(missing.values()))):
             self.vision_cache.put(key, embeds)
             encoded[key] = embeds
         return encoded
