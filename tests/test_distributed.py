@@ -77,3 +77,21 @@ def test_dead_worker_fails_the_step(tiny_ckpt):
         assert time.monotonic() - start < 10
     finally:
         engine.shutdown()
+
+
+def test_shutdown_after_a_failed_step_does_not_hang(tiny_ckpt):
+    """Rank 0 fails mid-step while the other rank waits inside the model's all-reduce: shutting down must stop
+    that rank, not send it a message it can no longer receive."""
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    engine = llm.engine
+
+    def failing_run(step):
+        raise RuntimeError("simulated failure on rank 0")
+
+    engine.runner.runner.run = failing_run
+    engine.add_request(llm.prepare("hello")[0], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    start = time.monotonic()
+    engine.shutdown()
+    assert time.monotonic() - start < 15 and not any(w.is_alive() for w in engine.runner.workers)

@@ -121,7 +121,7 @@ class MultiprocRunner:
         self.runner = ModelRunner(model_cfg, engine_cfg, rank_device(device, 0), dtype, progress=progress)
         self.runner.encode = self.encode_spread
         self.tp = tp
-        self.closed = False
+        self.closed = self.broken = False
         log.info("tensor parallel %d x pipeline parallel %d over %s", tp, pp, dist.get_backend())
 
     @property
@@ -134,7 +134,11 @@ class MultiprocRunner:
     def call(self, method: str, *args):
         self.check_workers()
         dist.broadcast_object_list([(method, args)], src=0, group=self.control)
-        return getattr(self.runner, method)(*args)
+        try:
+            return getattr(self.runner, method)(*args)
+        except BaseException:
+            self.broken = True  # the workers may be waiting in a collective rank 0 will never join
+            raise
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.call("allocate_kv_cache", num_blocks)
@@ -171,7 +175,7 @@ class MultiprocRunner:
         if self.closed:
             return
         self.closed = True
-        if all(w.is_alive() for w in self.workers):
+        if not self.broken and all(w.is_alive() for w in self.workers):
             dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
         else:  # the group is broken: stop the survivors rather than wait on a collective
             for worker in self.workers:
