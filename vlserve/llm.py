@@ -106,20 +106,6 @@ class LLM:
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
-                    merge(results, delta)
+                    results.setdefault(delta.request_id, RequestOutput.start(delta)).add(delta)
                     bar.update(delta.finished)
         return [results[i] for i in ids]
-
-
-def merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
-    """Accumulate a step's delta into the request's full output (samples kept in index order)."""
-    full = results.setdefault(delta.request_id, RequestOutput(delta.request_id, delta.prompt_token_ids, [],
-                                                              False, delta.metrics, delta.num_cached_tokens))
-    for out in delta.outputs:
-        mine = next((o for o in full.outputs if o.index == out.index), None)
-        if mine is None:
-            full.outputs.append(out)
-            full.outputs.sort(key=lambda o: o.index)
-        else:
-            mine.extend(out)
-    full.finished, full.metrics, full.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens

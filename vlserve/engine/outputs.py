@@ -48,3 +48,19 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @classmethod
+    def start(cls, delta: "RequestOutput") -> "RequestOutput":
+        """An empty output for the request `delta` belongs to, to `add` its deltas into."""
+        return cls(delta.request_id, delta.prompt_token_ids, [], False, delta.metrics)
+
+    def add(self, delta: "RequestOutput") -> None:
+        """Accumulate a later delta of the same request; samples stay in index order."""
+        for out in delta.outputs:
+            mine = next((o for o in self.outputs if o.index == out.index), None)
+            if mine is None:
+                mine = CompletionOutput(out.index, "", [])
+                self.outputs.append(mine)
+                self.outputs.sort(key=lambda o: o.index)
+            mine.extend(out)
+        self.finished, self.metrics, self.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens

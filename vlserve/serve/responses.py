@@ -6,14 +6,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from vlserve.engine.outputs import CompletionOutput, RequestOutput
+from vlserve.engine.outputs import RequestOutput
 from vlserve.engine.sampler import Logprob
+from vlserve.serve.errors import status_of
 from vlserve.serve.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
     CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage, TokenLogprob, TopLogprob, Usage,
     error_json, new_id,
 )
-from vlserve.serve.errors import status_of
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -104,18 +104,9 @@ async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOu
     """Accumulate each engine request's deltas into its final output."""
     finals: list[RequestOutput | None] = [None] * len(streams)
     async for i, delta in merged(streams):
-        final = finals[i]
-        if final is None:
-            final = finals[i] = RequestOutput(delta.request_id, delta.prompt_token_ids, [], False, delta.metrics)
-        for out in delta.outputs:
-            mine = next((o for o in final.outputs if o.index == out.index), None)
-            if mine is None:
-                final.outputs.append(CompletionOutput(out.index, "", []))
-                mine = final.outputs[-1]
-            mine.extend(out)
-        final.finished, final.num_cached_tokens = delta.finished, delta.num_cached_tokens
-    for final in finals:
-        final.outputs.sort(key=lambda o: o.index)
+        if finals[i] is None:
+            finals[i] = RequestOutput.start(delta)
+        finals[i].add(delta)
     return finals
 
 
