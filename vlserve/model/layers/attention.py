@@ -1,46 +1,107 @@
-"""Attention dispatch: fresh sequences attend within the batch; engine steps go through the paged KV cache."""
+"""Attention dispatch: fresh sequences attend within the batch; engine steps go through the paged KV cache.
 
-from dataclasses import dataclass
+On CUDA, fresh tokens go through torch's flash varlen attention (Triton where flash is missing: fp32, cards
+before sm_80) and the paged cache through our Triton kernels; on the CPU, the plain-torch references. Triton is
+imported only on the CUDA path.
+"""
+
+import functools
+import inspect
+from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlserve.kernels.kv_store import store_kv_ref
-from vlserve.kernels.paged_attention import paged_attention_ref
+from vlserve.kernels.paged_attention import paged_attention_ref, varlen_attention_ref
 
 
 @dataclass
 class AttentionMetadata:
-    """How the flattened new tokens of one forward pass split into sequences, and where their KV lives."""
+    """How the flattened new tokens of one forward pass split into sequences, and where their KV lives. Built on
+    the CPU; `to(device)` moves it once per step. The host-side maxima pick the kernel, so a forward pass never
+    waits on the device to read them."""
 
-    cu_seqlens: list[int]  # boundaries of each sequence's new tokens in the flat batch, starting at 0
+    cu_seqlens: torch.Tensor  # (B + 1,) int32: boundaries of each sequence's new tokens in the flat batch
+    max_seqlen: int  # most new tokens of any sequence
     # Paged KV cache (None: no cache, every sequence is entirely new and attends only to itself)
-    context_lens: list[int] | None = None  # per sequence: cached + new tokens
-    block_tables: list[list[int]] | None = None  # per sequence: its KV blocks in order
-    slot_mapping: torch.Tensor | None = None  # (T,) flat cache slot of each new token
+    context_lens: torch.Tensor | None = None  # (B,) int32: cached + new tokens per sequence
+    block_tables: torch.Tensor | None = None  # (B, most blocks) int32: each sequence's KV blocks in order, 0-padded
+    slot_mapping: torch.Tensor | None = None  # (T,) int64: flat cache slot of each new token
+    max_context_len: int = 0
+    has_prefix: bool = False  # some sequence also attends to keys of earlier steps (or of a shared prefix)
 
     @classmethod
-    def from_lengths(cls, lengths: list[int]) -> "AttentionMetadata":
+    def from_lengths(cls, lengths: list[int], context_lens: list[int] | None = None,
+                     block_tables: list[list[int]] | None = None,
+                     slots: list[int] | None = None) -> "AttentionMetadata":
+        """Sequences of `lengths` new tokens; with `context_lens`, `block_tables` and `slots`, they are the last
+        tokens of each sequence's context in the paged cache."""
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
-        return cls(cu_seqlens=cu)
+        meta = cls(torch.tensor(cu, dtype=torch.int32), max(lengths, default=0))
+        if context_lens is None:
+            return meta
+        width = max(map(len, block_tables), default=0)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        return replace(meta, context_lens=torch.tensor(context_lens, dtype=torch.int32),
+                       block_tables=tables.view(len(lengths), width), slot_mapping=torch.tensor(slots),
+                       max_context_len=max(context_lens, default=0),
+                       has_prefix=any(c > n for c, n in zip(context_lens, lengths)))
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        if self.cu_seqlens.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], causal: bool,
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, causal: bool,
                      scale: float) -> torch.Tensor:
-    """q: (T, H, d); k, v: (T, KVH, d), H a multiple of KVH. Each [cu[i], cu[i+1]) span attends only to itself."""
-    out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if end == start:
-            continue
-        # 4-D (batch of one): the fused, memory-linear SDPA kernels take only 4-D inputs
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
+    """q: (T, H, d); k, v: (T, KVH, d), H a multiple of KVH. Each sequence's span attends only to itself."""
+    if not q.is_cuda:
+        return varlen_attention_ref(q, k, v, meta.cu_seqlens, causal, scale)
+    meta = meta.to(q.device)
+    if q.dtype != torch.float32 and _has_flash(q.device.index):
+        return _flash_varlen()(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                               scale=scale, window_size=(-1, 0) if causal else (-1, -1))
+    from vlserve.kernels.paged_attention_triton import prefill_attention
+    return prefill_attention(q, k, v, meta.cu_seqlens, scale, causal=causal)
+
+
+@functools.cache
+def _has_flash(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # torch's flash attention starts at sm_80
+
+
+@functools.cache
+def _flash_varlen():
+    from torch.nn.attention.varlen import varlen_attn
+    # Newer torch asks for enable_gqa before it takes fewer KV heads; older flash kernels take them as they are.
+    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return functools.partial(varlen_attn, enable_gqa=True) if gqa else varlen_attn
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Stores the step's new keys/values in `kv_cache`, then attends each sequence's new tokens over its context.
+    All of the step's KV is stored before any attention reads, so a sequence may use blocks that another
+    sequence fills in this same step (the prefix cache relies on it)."""
+    if not q.is_cuda:
+        store_kv_ref(k, v, kv_cache, meta.slot_mapping)
+        return paged_attention_ref(q, kv_cache, meta.cu_seqlens, meta.context_lens, meta.block_tables, scale)
+    from vlserve.kernels.kv_store_triton import store_kv
+    from vlserve.kernels.paged_attention_triton import paged_decode, prefill_attention
+    meta = meta.to(q.device)
+    store_kv(k, v, kv_cache, meta.slot_mapping)
+    if meta.max_seqlen == 1 and q.shape[0] == meta.cu_seqlens.shape[0] - 1:  # one new token per sequence
+        return paged_decode(q, kv_cache, meta.context_lens, meta.block_tables, meta.max_context_len, scale)
+    if not meta.has_prefix:
+        return varlen_attention(q, k, v, meta, causal=True, scale=scale)
+    return prefill_attention(q, kv_cache[0], kv_cache[1], meta.cu_seqlens, scale, context_lens=meta.context_lens,
+                             block_tables=meta.block_tables)
 
 
 class Attention(nn.Module):
@@ -55,9 +116,5 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.slot_mapping is None:
-            return varlen_attention(q, k, v, meta.cu_seqlens, causal=True, scale=self.scale)
-        # All of the step's KV is stored before any attention reads, so a sequence may use blocks that another
-        # sequence fills in this same step (the prefix cache relies on it).
-        store_kv_ref(k, v, self.kv_cache, meta.slot_mapping)
-        return paged_attention_ref(q, self.kv_cache, meta.cu_seqlens, meta.context_lens, meta.block_tables,
-                                   self.scale)
+            return varlen_attention(q, k, v, meta, causal=True, scale=self.scale)
+        return paged_attention(q, k, v, self.kv_cache, meta, self.scale)
