@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from vlserve.config import EngineConfig
+from vlserve.config import EXECUTOR_BACKENDS, VISION_TP_MODES, EngineConfig
 from vlserve.errors import ConfigError, MediaError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
@@ -27,6 +27,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split each layer")
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="stages that split the layers")
+    g.add_argument("--pp-layer-partition", metavar="N,N,...", help="layers per pipeline stage, e.g. 10,10,8 "
+                   "(default: an even split, the first stages taking one more)")
+    g.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
+                   help="local: one process; mp: one spawned process per rank on this machine; ray: Ray actors "
+                   "across the machines of a `vlserve cluster` (default: local for one rank, ray when the ranks "
+                   "outnumber this machine's GPUs, else mp)")
+    g.add_argument("--mm-encoder-tp-mode", choices=VISION_TP_MODES, default="data",
+                   help="vision tower under tensor parallel: data (whole on every rank, images spread over ranks) "
+                   "or weights (its heads and MLP split over the ranks)")
     g.add_argument("--vision-cache-mib", type=int, default=512, help="encoded images kept for reuse across turns")
     g.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4, "video": 1}\'')
     g.add_argument("--mm-processor-kwargs", default=None,
@@ -47,6 +56,15 @@ def json_flag(flag: str, value: str | None) -> dict:
     return parsed
 
 
+def int_list(flag: str, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. 10,10,8") from None
+
+
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     limits = json_flag("--limit-mm-per-prompt", args.limit_mm_per_prompt)
     for key, count in limits.items():
@@ -65,7 +83,9 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks_override=args.num_gpu_blocks_override,
         vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+        distributed_executor_backend=args.distributed_executor_backend,
+        pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
     )

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 from vlserve.errors import VLServeError
-from vlserve.serve.server import add_serve_args
 
 
 def add_make_tiny(sub) -> None:
@@ -174,24 +173,131 @@ def run_ui(args) -> None:
     serve_page(args.api_base, api_key, host=args.host, port=args.port, model=args.model)
 
 
+def add_cluster(sub) -> None:
+    p = sub.add_parser("cluster", help="start, join, inspect or stop a Ray cluster of machines that serve together")
+    cluster = p.add_subparsers(dest="cluster_command", required=True)
+    head = cluster.add_parser("head", help="start the head node on this machine")
+    head.add_argument("--port", type=int, default=6379, help="port the other machines join")
+    head.add_argument("--node-ip-address", help="this machine's address for the cluster (default: that of "
+                      "--interface, else of the default route)")
+    join = cluster.add_parser("join", help="join this machine to a head; the interface that routes to it is found "
+                              "here and used for Ray, Gloo and NCCL")
+    join.add_argument("head", metavar="HEAD:PORT", help="the address `vlserve cluster head` printed")
+    for q in (head, join):
+        q.add_argument("--gpus", help="cards this machine offers, e.g. 0,3,4 (default: all)")
+        q.add_argument("--num-cpus", type=int, help="CPUs this machine offers (on a CPU-only cluster, one rank each)")
+        q.add_argument("--interface", metavar="NAME", help="network interface to use instead of the detected one")
+        q.add_argument("--temp-dir", help="Ray's folder for this node (default /tmp/ray)")
+        q.add_argument("--block", action="store_true", help="stay in the foreground (containers, supervisors)")
+    cluster.add_parser("status", help="the cluster's nodes, their cards and versions; differences flagged")
+    cluster.add_parser("stop", help="stop every Ray process on this machine")
+    p.set_defaults(func=run_cluster)
+
+
+def run_cluster(args) -> None:
+    from vlserve.distributed import cluster
+
+    if args.cluster_command in ("head", "join"):
+        options = cluster.StartOptions(gpus=args.gpus, num_cpus=args.num_cpus, interface=args.interface,
+                                       temp_dir=args.temp_dir, block=args.block)
+        if args.cluster_command == "head":
+            cluster.start_head(args.port, args.node_ip_address, options)
+        else:
+            cluster.join(args.head, options)
+    elif args.cluster_command == "status":
+        print(cluster.format_status(cluster.status()))
+    else:
+        cluster.stop()
+
+
+def add_plan(sub) -> None:
+    from vlserve.args import add_engine_args
+
+    p = sub.add_parser("plan", help="before loading anything: the layouts that work, dtype, memory per GPU, KV cache, "
+                       "the largest --max-model-len, and the serve command (reads only config.json)")
+    p.add_argument("model", help="checkpoint folder, or a public checkpoint's name (e.g. Qwen2.5-VL-72B-Instruct-AWQ)")
+    p.add_argument("--cluster", metavar="SPEC", help="plan for other hardware: [NODESx]GPUSxCARD[,...], e.g. "
+                   "2x8xRTX2080Ti or 1x4xA100-80GB,1x4xA100-40GB; or 'ray': every node of the running Ray cluster "
+                   "(default: this machine)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_engine_args(p)
+    # Unset means "choose for me": the planner tunes these; what the user sets, it only checks.
+    p.set_defaults(func=run_plan, tensor_parallel_size=None, pipeline_parallel_size=None, mm_encoder_tp_mode=None,
+                   gpu_memory_utilization=None)
+
+
+def run_plan(args) -> int:
+    import json
+
+    from vlserve.args import engine_config, json_flag
+    from vlserve.config import EngineConfig
+    from vlserve.plan.inventory import inventory
+    from vlserve.plan.layouts import load_model_config
+    from vlserve.plan.planner import TUNABLE, Request, make_plan
+    from vlserve.plan.report import to_json, to_text
+
+    asked = {knob for knob in TUNABLE if getattr(args, knob, None) is not None}
+    if "max_pixels" in json_flag("--mm-processor-kwargs", args.mm_processor_kwargs):
+        asked.add("max_pixels")
+    for knob in ("tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode", "gpu_memory_utilization"):
+        if getattr(args, knob) is None:
+            setattr(args, knob, getattr(EngineConfig, knob))
+    cfg = load_model_config(args.model)
+    hardware = inventory(args.cluster, cpu=args.device == "cpu")
+    plan = make_plan(cfg, hardware, Request(engine_config(args, args.model), frozenset(asked)))
+    print(json.dumps(to_json(plan), indent=2) if args.json else to_text(plan))
+    return 0 if plan.feasible else 2
+
+
+def add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check this machine (or every node of the Ray cluster) for what would make "
+                       "serving fail: kernels for each card, Triton, driver, dtypes, /dev/shm, network, model files")
+    p.add_argument("model", nargs="?", help="checkpoint folder that must be present (and identical on every node)")
+    p.add_argument("--head", metavar="HOST:PORT", help="the head node's address: checks this node's route to it and "
+                   "the Gloo/NCCL interface variables")
+    p.add_argument("--cluster", choices=["ray"], help="run the checks on every node of the running Ray cluster")
+    p.set_defaults(func=run_doctor)
+
+
+def run_doctor(args) -> int:
+    from vlserve.plan import doctor
+
+    reports, across = doctor.run(args.head, args.model, on_cluster=args.cluster == "ray")
+    print(doctor.format_report(reports, across))
+    return 2 if doctor.any_fatal(reports, across) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vlserve.serve.server import add_serve_args  # the server and torch: `vlserve plan` does without (plan_parser)
+
     parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
     add_serve_args(sub)
     add_bench(sub)
     add_ui(sub)
+    add_cluster(sub)
+    add_plan(sub)
+    add_doctor(sub)
+    return parser
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    """`vlserve plan` answers in under a second: its parser alone, without the server's (which imports torch)."""
+    parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
+    add_plan(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = (plan_parser() if argv[:1] == ["plan"] else build_parser()).parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except VLServeError as e:
         print(f"vlserve {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlserve.errors import ConfigError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
@@ -17,6 +15,8 @@ from vlserve.media.options import MediaOptions
 VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
 DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+VISION_TP_MODES = ("data", "weights")  # --mm-encoder-tp-mode
+EXECUTOR_BACKENDS = ("local", "mp", "ray")  # one process | spawned processes on this machine | Ray actors
 
 
 @dataclass(frozen=True)
@@ -202,27 +202,38 @@ def _check(cfg: ModelConfig, file: Path) -> None:
         fail("vision_config.window_size", f"{v.window_size} is not a multiple of patch_size*spatial_merge_size {unit}")
 
 
-DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float": torch.float32}
+DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32"}
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """`auto` = bf16 on compute capability >= 8.0, fp16 below it, fp32 on CPU (the flag is --dtype)."""
-    device = torch.device(device)
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        major, _ = torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if major >= 8 else torch.float16
-    if name not in DTYPES:
+def choose_dtype(name: str, capability: tuple[int, int] | None, card: str = "this GPU",
+                 checkpoint_dtype: str | None = None) -> tuple[str, str]:
+    """The --dtype rule, for a card of `capability` (None: the CPU): auto = bf16 on compute capability >= 8.0, fp16
+    below it (bf16 asked there becomes fp16 too), fp32 on CPU. Returns (dtype name, why); the planner and the
+    engine both use it, and torch need not be imported."""
+    if name != "auto" and name not in DTYPES:
         raise ConfigError(f"--dtype {name!r} is not one of auto, float16, bfloat16, float32")
-    dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        raise ConfigError(
-            f"--dtype bfloat16 needs compute capability >= 8.0, but {torch.cuda.get_device_name(device)} has "
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; use --dtype float16 (or auto)"
-        )
-    return dtype
+    if capability is None:
+        return ("float32", "auto: float32 on the CPU") if name == "auto" else (DTYPES[name], f"--dtype {name}")
+    version = ".".join(map(str, capability))
+    if name == "auto" and capability >= (8, 0):
+        return "bfloat16", f"auto: {card} (compute capability {version}) computes in bfloat16"
+    if name == "auto" or DTYPES[name] == "bfloat16" and capability < (8, 0):
+        asked = "auto:" if name == "auto" else "--dtype bfloat16 asked, but"
+        source = f" (the checkpoint is {checkpoint_dtype})" if checkpoint_dtype else ""
+        return "float16", (f"{asked} {card} (compute capability {version}) has no bfloat16 (it needs 8.0), so "
+                           f"float16{source}, with the vision tower's fp16 overflow clamp")
+    return DTYPES[name], f"--dtype {name}"
+
+
+def resolve_dtype(name: str, device) -> "torch.dtype":  # noqa: F821 (torch is imported here only, see choose_dtype)
+    """The torch dtype choose_dtype picks for `device` (a torch.device or its name)."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if cuda else None
+    card = torch.cuda.get_device_name(device) if cuda else "the CPU"
+    return getattr(torch, choose_dtype(name, capability, card)[0])
 
 
 @dataclass(frozen=True)
@@ -265,7 +276,11 @@ class EngineConfig:
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    distributed_timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
+    pp_layer_partition: tuple[int, ...] | None = None  # layers per stage; None: an even split
+    # A collective waiting longer than this fails instead of hanging; Ray waits as long for the cluster's slots
+    distributed_timeout_s: float = 600.0
+    mm_encoder_tp_mode: str = "data"  # vision tower under TP: data (whole per rank, images spread) or weights (split)
+    distributed_executor_backend: str | None = None  # local | mp | ray; None: see executor.choose_backend
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
 
@@ -284,12 +299,30 @@ class EngineConfig:
         positive("--vision-cache-mib", self.vision_cache_mib)
         positive("--tensor-parallel-size", self.tensor_parallel_size)
         positive("--pipeline-parallel-size", self.pipeline_parallel_size)
+        partition = self.pp_layer_partition
+        if partition is not None and (len(partition) != self.pipeline_parallel_size or min(partition) < 1):
+            raise ConfigError(f"--pp-layer-partition {','.join(map(str, partition))} must give each of the "
+                              f"{self.pipeline_parallel_size} stages (--pipeline-parallel-size) at least one layer")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r} must be one of "
+                              f"{', '.join(EXECUTOR_BACKENDS)}")
+        if self.distributed_executor_backend == "local" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ConfigError("--distributed-executor-backend local runs one process; with --tensor-parallel-size or "
+                              "--pipeline-parallel-size above 1 use mp (one machine) or ray (several)")
+        if self.mm_encoder_tp_mode not in VISION_TP_MODES:
+            raise ConfigError(f"--mm-encoder-tp-mode {self.mm_encoder_tp_mode!r} must be data or weights")
         if self.block_size <= 0 or self.block_size % 16:
             raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
 
-    def resolved_device(self) -> torch.device:
+    def batched_tokens(self, max_model_len: int) -> int:
+        """--max-num-batched-tokens, or its default: 8192 per step; a whole prompt when prefill is not chunked."""
+        return self.max_num_batched_tokens or (8192 if self.enable_chunked_prefill else max(8192, max_model_len))
+
+    def resolved_device(self) -> "torch.device":  # noqa: F821 (imported here: reading configs needs no torch)
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -299,6 +332,17 @@ class EngineConfig:
         return torch.device(self.device)
 
 
+def stage_layers(num_layers: int, num_stages: int, stage: int, partition: tuple[int, ...] | None = None) -> range:
+    """Layers of a pipeline stage: `partition` (layers per stage, --pp-layer-partition), else an even split with
+    the first stages taking one layer more."""
+    if partition:
+        start = sum(partition[:stage])
+        return range(start, start + partition[stage])
+    base, extra = divmod(num_layers, num_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
 def valid_tensor_parallel_sizes(cfg: ModelConfig, up_to: int = 64) -> list[int]:
     """Sizes that split attention heads, KV heads (or replicate them evenly) and the MLP across ranks."""
     kv = cfg.num_key_value_heads
@@ -306,16 +350,6 @@ def valid_tensor_parallel_sizes(cfg: ModelConfig, up_to: int = 64) -> list[int]:
             if cfg.num_attention_heads % t == 0 and (kv % t == 0 or t % kv == 0) and cfg.intermediate_size % t == 0]
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    valid = valid_tensor_parallel_sizes(cfg)
-    if tp not in valid:
-        raise ConfigError(
-            f"--tensor-parallel-size {tp} does not split this model: {cfg.num_attention_heads} attention heads, "
-            f"{cfg.num_key_value_heads} KV heads, MLP width {cfg.intermediate_size}; valid sizes: "
-            f"{', '.join(map(str, valid))}")
-
-
-def check_pipeline_parallel(cfg: ModelConfig, pp: int) -> None:
-    if pp > cfg.num_hidden_layers:
-        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {cfg.num_hidden_layers} layers; "
-                          f"use at most {cfg.num_hidden_layers} stages")
+def valid_vision_tensor_parallel_sizes(v: VisionConfig, up_to: int = 64) -> list[int]:
+    """Sizes that split the vision tower's heads and MLP (then the merger's input, 4x hidden, splits too)."""
+    return [t for t in range(1, up_to + 1) if v.num_heads % t == 0 and v.intermediate_size % t == 0]

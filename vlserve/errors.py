@@ -27,3 +27,11 @@ class InvalidRequestError(VLServeError):
 
 class EngineDeadError(VLServeError):
     """The engine (or a worker) failed; in-flight and new requests get this instead of hanging (HTTP 503)."""
+
+
+class ClusterError(VLServeError):
+    """The Ray cluster is unreachable, too small, or its nodes differ (software versions, model files)."""
+
+
+class PlanError(ConfigError):
+    """The planner's checks found that this deployment would fail (before anything loads); says each fix."""

@@ -3,25 +3,24 @@
 import itertools
 import logging
 import time
+from collections import deque
 
 import torch
 
-from vlserve.config import (
-    DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, check_pipeline_parallel,
-    check_tensor_parallel, resolve_dtype,
-)
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, resolve_dtype
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
 from vlserve.distributed.executor import make_runner
 from vlserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from vlserve.engine.sampler import Sampler
 from vlserve.engine.sampling_params import SamplingParams
-from vlserve.engine.scheduler import Scheduler
+from vlserve.engine.scheduler import ScheduledSeq, Scheduler
 from vlserve.engine.sequence import MediaSpan, Sequence, SequenceStatus
 from vlserve.errors import InvalidRequestError
 from vlserve.media.item import MediaItem
 from vlserve.media.positions import mrope_positions
 from vlserve.media.template import load_tokenizer
+from vlserve.plan.preflight import check_before_loading
 
 log = logging.getLogger("vlserve.engine")
 
@@ -35,20 +34,19 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens or (
-                8192 if config.enable_chunked_prefill else max(8192, self.max_model_len)),
+            max_num_batched_tokens=config.batched_tokens(self.max_model_len),
             max_model_len=self.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.tokenizer = load_tokenizer(config.model)
         torch.manual_seed(config.seed)
-        check_tensor_parallel(self.model_config, config.tensor_parallel_size)
-        check_pipeline_parallel(self.model_config, config.pipeline_parallel_size)
+        check_before_loading(self.model_config, config, self.device)  # the planner's checks and fixes, no weights read
         self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
         num_blocks = self.num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.in_flight: deque = deque()  # (scheduled, runner handle) of batches submitted, oldest first
         self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
         self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -132,26 +130,44 @@ class LLMEngine:
         return self.request_output(request_id, outputs)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def shutdown(self) -> None:
         self.runner.shutdown()
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
+        """Schedules and submits a batch, then returns the outputs of the oldest batch in flight. With pipeline
+        parallel, up to one batch per stage is in flight (disjoint sequences), so every stage has work."""
+        depth = self.config.pipeline_parallel_size
+        if len(self.in_flight) < depth:
+            active = self.scheduler.num_running + self.scheduler.num_waiting
+            out = self.scheduler.schedule(max_seqs=-(-active // depth) if depth > 1 else None)
+            if out.scheduled:
+                self.in_flight.append(self.submit(out.scheduled))
+                if len(self.in_flight) < depth:
+                    return []  # room for another batch before waiting on this one
+        return self.complete(self.in_flight.popleft()) if self.in_flight else []
+
+    def submit(self, scheduled: list[ScheduledSeq]):
         now = time.monotonic()
-        for item in out.scheduled:
+        for item in scheduled:
             item.seq.scheduled_time = item.seq.scheduled_time or now
-        seqs, logits = self.runner.execute([(item.seq, item.num_new_tokens) for item in out.scheduled])
-        for item in out.scheduled:
+            item.seq.in_flight = True
+        return scheduled, self.runner.submit([(item.seq, item.num_new_tokens) for item in scheduled])
+
+    def complete(self, batch) -> list[RequestOutput]:
+        scheduled, handle = batch
+        seqs, logits = self.runner.wait(handle)
+        for item in scheduled:
+            item.seq.in_flight = False
             item.seq.num_computed_tokens += item.num_new_tokens
-        if not seqs:
+        live = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # aborted while in flight
+        if not live:
             return []
-        sampled = self.sampler(logits, seqs)
-        return self.append_tokens(seqs, sampled)
+        if len(live) < len(seqs):
+            seqs, logits = [seqs[i] for i in live], logits[live]
+        return self.append_tokens(seqs, self.sampler(logits, seqs))
 
     def append_tokens(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
         now = time.monotonic()

@@ -1,0 +1,252 @@
+"""`vlserve plan`: one test per failure of the catalogue (docs/troubleshooting.md) with the real Qwen2.5-VL layouts,
+through the real command line; exit code 0 when feasible, 2 when not; and `serve` refusing before it loads."""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vlserve import LLM
+from vlserve.cli import main
+from vlserve.plan.layouts import layout_config
+
+LAYOUTS = {
+    "3b": layout_config("3B"), "7b": layout_config("7B"), "32b": layout_config("32B"), "72b": layout_config("72B"),
+    "72b-awq": layout_config("72B", awq=True),  # the official AWQ checkpoint: MLP padded to 29696
+    "72b-awq-29568": layout_config("72B", awq=True, intermediate_size=29568),  # unpadded: 231 groups of 128
+}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """A folder per layout holding only config.json: all the planner reads."""
+    root = tmp_path_factory.mktemp("layouts")
+    for name, raw in LAYOUTS.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(raw))
+    return {name: str(root / name) for name in LAYOUTS}
+
+
+def plan(capsys, *argv: str) -> tuple[int, dict]:
+    code = main(["plan", *argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_3b_at_tp6_is_refused_with_the_valid_sizes(capsys, layouts):
+    code, report = plan(capsys, layouts["3b"], "-tp", "6", "--cluster", "1x8xA100-80GB")
+    assert code == 2 and not report["feasible"] and report["command"] is None
+    error = report["errors"][0]
+    assert error["code"] == "tp_heads"
+    assert "16 attention heads do not divide by 6" in error["message"]
+    assert error["fix"].startswith("valid sizes: 1, 2, 4, 8, 16;")
+
+
+def test_7b_at_tp8_is_refused_28_heads(capsys, layouts):
+    code, report = plan(capsys, layouts["7b"], "-tp", "8", "--cluster", "1x8xH100")
+    assert code == 2
+    assert "28 attention heads do not divide by 8" in report["errors"][0]["message"]
+    assert "valid sizes: 1, 2, 4;" in report["errors"][0]["fix"]
+
+
+@pytest.mark.parametrize("tp, groups", [(2, "115.5"), (4, "57.75"), (8, "28.875")])
+def test_72b_awq_unpadded_mlp_is_refused_with_a_pipeline_alternative(capsys, layouts, tp, groups):
+    code, report = plan(capsys, layouts["72b-awq-29568"], "-tp", str(tp), "--cluster", f"1x{tp}xL40S")
+    assert code == 2
+    error = report["errors"][0]
+    assert error["code"] == "awq_group_alignment"
+    assert f"MLP width 29568 is 231 groups of 128, so each of {tp} ranks would get {groups} groups" in error["message"]
+    assert "tensor-parallel sizes that keep whole groups: 1;" in error["fix"]
+    assert f"-tp 1 -pp {tp} works here" in error["fix"]  # the same cards, split by layers
+    code, alternative = plan(capsys, layouts["72b-awq-29568"], "-tp", "1", "-pp", str(tp), "--cluster", f"1x{tp}xL40S")
+    assert code == 0 and alternative["feasible"]
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_72b_awq_padded_checkpoint_is_accepted(capsys, layouts, tp):
+    code, report = plan(capsys, layouts["72b-awq"], "-tp", str(tp), "--cluster", "1x8xL40S")
+    assert code == 0 and report["tensor_parallel_size"] == tp
+    assert any(n["code"] == "awq_loading" for n in report["notes"])
+
+
+def test_bf16_on_a_capability_7_5_card_becomes_fp16_and_says_so(capsys, layouts):
+    code, report = plan(capsys, layouts["7b"], "--cluster", "1xTitanRTX")
+    assert code == 0 and report["dtype"] == "float16"
+    note = next(n for n in report["notes"] if n["code"] == "bf16_unsupported")
+    assert "TitanRTX (compute capability 7.5) has no bfloat16" in note["message"]
+    assert "the checkpoint is bfloat16" in note["message"]
+    code, asked = plan(capsys, layouts["7b"], "--cluster", "1xTitanRTX", "--dtype", "bfloat16")
+    assert code == 0 and asked["dtype"] == "float16"
+    assert "--dtype bfloat16 asked, but TitanRTX" in asked["dtype_reason"]
+    assert "--dtype float16" in asked["command"]
+    _, ampere = plan(capsys, layouts["7b"], "--cluster", "1xA100-80GB")
+    assert ampere["dtype"] == "bfloat16" and not ampere["notes"]
+
+
+def test_max_model_len_over_the_kv_cache_gives_the_largest_that_fits_and_the_utilization(capsys, layouts):
+    fixed = ("--cluster", "1xL4", "--gpu-memory-utilization", "0.9", "--max-num-batched-tokens", "2048")
+    code, report = plan(capsys, layouts["7b"], "--max-model-len", "80000", *fixed)
+    assert code == 2
+    error = report["errors"][0]
+    assert error["code"] == "max_model_len_exceeds_kv_cache"
+    assert f"{report['kv_cache_tokens']} tokens fit" in error["message"]
+    largest = int(error["fix"].split("--max-model-len ")[1].split()[0])
+    utilization = error["fix"].split("--gpu-memory-utilization ")[1].split()[0]
+    assert largest == report["kv_cache_tokens"] < 80000
+    assert plan(capsys, layouts["7b"], "--max-model-len", str(largest), *fixed)[0] == 0
+    assert plan(capsys, layouts["7b"], "--max-model-len", str(largest + 16), *fixed)[0] == 2
+    raised = ("--cluster", "1xL4", "--gpu-memory-utilization", utilization, "--max-num-batched-tokens", "2048")
+    assert float(utilization) > 0.9
+    assert plan(capsys, layouts["7b"], "--max-model-len", "80000", *raised)[0] == 0
+
+
+def test_a_model_that_cannot_fit_names_the_smallest_gpu_count(capsys, layouts):
+    code, report = plan(capsys, layouts["72b"], "--cluster", "1xRTX4090")
+    assert code == 2 and report["errors"][0]["code"] == "out_of_memory"
+    fix = report["errors"][0]["fix"]
+    count = int(fix.split("it needs at least ")[1].split(" x RTX4090")[0])
+    assert plan(capsys, layouts["72b"], "--cluster", f"1x{count}xRTX4090")[0] == 0
+    assert plan(capsys, layouts["72b"], "--cluster", f"1x{count - 1}xRTX4090")[0] == 2
+
+
+def test_72b_on_two_machines_of_eight_2080ti_has_a_feasible_plan(capsys, layouts):
+    code, report = plan(capsys, layouts["72b"], "--cluster", "2x8xRTX2080Ti")
+    assert code == 0 and report["feasible"]
+    assert (report["tensor_parallel_size"], report["pipeline_parallel_size"]) == (8, 2)
+    assert report["dtype"] == "float16" and report["max_model_len"] >= 8192
+    assert "network" in [n["code"] for n in report["notes"]]  # stages on both machines: interfaces matter
+    for gpu in report["memory_per_gpu"]:
+        used = gpu["weights_bytes"] + gpu["activation_peak_bytes"] + gpu["reserve_bytes"] + gpu["kv_cache_bytes"]
+        assert used <= gpu["capacity_bytes"] * report["gpu_memory_utilization"]
+    command = report["command"].split()
+    assert command[:3] == ["vlserve", "serve", layouts["72b"]]
+    assert "--distributed-executor-backend" in command and f"--max-model-len {report['max_model_len']}" in \
+        report["command"]
+
+
+def test_mixed_cards_are_sized_by_the_tightest_rank(capsys, layouts):
+    code, report = plan(capsys, layouts["72b"], "--cluster", "1x4xA100-80GB,1x4xA100-40GB", "-tp", "4", "-pp", "2")
+    assert code == 0
+    rows = report["memory_per_gpu"]
+    assert {r["device"] for r in rows} == {"A100-80GB", "A100-40GB"}
+    util = report["gpu_memory_utilization"]
+    spare = [r["capacity_bytes"] * util - r["weights_bytes"] - r["activation_peak_bytes"] - r["reserve_bytes"] -
+             r["kv_cache_bytes"] for r in rows]
+    assert min(spare) >= 0
+    tight = rows[spare.index(min(spare))]
+    assert tight["device"] == "A100-40GB" and min(spare) < rows[0]["kv_bytes_per_block"]  # not one block more
+
+
+def test_every_layout_is_listed_with_why_it_fails(capsys, layouts):
+    code, report = plan(capsys, layouts["7b"], "--cluster", "1x8xH100")
+    assert code == 0 and report["tensor_parallel_size"] * report["pipeline_parallel_size"] == 1
+    pairs = {(x["tensor_parallel_size"], x["pipeline_parallel_size"]): x for x in report["layouts"]}
+    assert len(pairs) == sum(8 // tp for tp in range(1, 9))
+    assert pairs[(3, 1)]["errors"][0]["code"] == "tp_heads"
+    assert all(pairs[(tp, 1)]["feasible"] for tp in (1, 2, 4))
+    assert "network" not in [n["code"] for n in report["notes"]]  # one machine
+    main(["plan", layouts["7b"], "--cluster", "1x8xH100"])
+    text = capsys.readouterr().out
+    assert "3 x 1-2: --tensor-parallel-size 3 does not split this model" in text and "<- chosen" in text
+
+
+def test_pipeline_longer_than_the_model_and_missing_gpus(capsys, layouts):
+    code, report = plan(capsys, layouts["7b"], "-pp", "29", "--cluster", "4x8xA100-80GB")
+    assert code == 2 and "exceeds the model's 28 layers" in report["errors"][0]["message"]
+    code, report = plan(capsys, layouts["7b"], "-tp", "4", "--cluster", "2xA100-80GB")
+    assert code == 2 and report["errors"][0]["code"] == "gpus"
+    assert "-tp 1 -pp 1 works here" in report["errors"][0]["fix"]  # the fewest cards that hold 7B
+    code, report = plan(capsys, layouts["7b"], "-tp", "4", "--cluster", "2x2xA100-80GB")
+    assert code == 2 and "needs 4 GPUs in one machine" in report["errors"][0]["message"]
+
+
+def test_cards_older_than_turing_are_refused(capsys, layouts):
+    code, report = plan(capsys, layouts["7b"], "--cluster", "1xV100-32GB")
+    assert code == 2 and report["errors"][0]["code"] == "no_kernel_image"
+
+
+@pytest.mark.parametrize("spec, message", [("H100", "cannot read 'H100'"), ("1x8xFooCard", "unknown card 'FooCard'"),
+                                           ("0x8xH100", "at least 1")])
+def test_bad_cluster_specs(capsys, layouts, spec, message):
+    assert main(["plan", layouts["7b"], "--cluster", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_public_layouts_by_name(capsys, layouts):
+    _, by_name = plan(capsys, "Qwen/Qwen2.5-VL-7B-Instruct", "--cluster", "1xH100")
+    _, by_folder = plan(capsys, layouts["7b"], "--cluster", "1xH100")
+    assert by_name["memory_per_gpu"] == by_folder["memory_per_gpu"]
+    assert main(["plan", "Qwen2.5-VL-13B", "--cluster", "1xH100"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cpu_plan_matches_the_engine(capsys, tiny_ckpt):
+    """No GPU here: the plan is this machine's memory, fp32, and the KV cache the CPU engine allocates."""
+    code, report = plan(capsys, str(tiny_ckpt), "--kv-cache-memory-gib", "0.01", "--device", "cpu")
+    assert code == 0 and report["dtype"] == "float32"
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01)
+    assert report["kv_cache_tokens"] == llm.engine.block_manager.num_blocks * 16
+    assert report["memory_per_gpu"][0]["kv_bytes_per_block"] == llm.engine.runner.kv_bytes_per_block()
+
+
+def test_plan_answers_without_torch_in_under_a_second(layouts):
+    code = ("import sys, time; t = time.perf_counter(); from vlserve.cli import main; "
+            f"code = main(['plan', {layouts['72b']!r}, '--cluster', '2x8xRTX2080Ti', '--json']); "
+            "print(time.perf_counter() - t, 'torch' in sys.modules, code, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    seconds, torch_loaded, exit_code = out.stderr.split()
+    assert (torch_loaded, exit_code) == ("False", "0") and float(seconds) < 1.0
+
+
+@pytest.fixture(scope="module")
+def weightless(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint without its weights: reaching the loader would fail with a safetensors error."""
+    folder = tmp_path_factory.mktemp("weightless")
+    for f in tiny_ckpt.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["-tp", "3"], "its MLP width 128 does not divide by 3; valid sizes: 1, 2, 4"),
+    (["--max-model-len", "30000", "--kv-cache-memory-gib", "0.001"], "--kv-cache-memory-gib 0.02 would hold 30000"),
+    (["--max-model-len", "40000"], "exceeds the 32768 positions the model was trained for"),
+])
+def test_serve_stops_before_loading_with_the_fix(capsys, weightless, flags, says):
+    assert main(["serve", weightless, "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "safetensors" not in err
+
+
+def test_serve_reaches_the_loader_when_the_plan_holds(capsys, weightless):
+    assert main(["serve", weightless, "--device", "cpu"]) == 2
+    assert "no *.safetensors files" in capsys.readouterr().err
+
+
+def test_workers_are_spawned_never_forked(tiny_ckpt):
+    """Forking after CUDA is initialised fails ("cannot re-initialize CUDA in forked subprocess"): every worker is
+    a fresh interpreter started by multiprocessing's spawn."""
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01, tensor_parallel_size=2)
+    try:
+        for worker in llm.engine.runner.workers:
+            with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
+                assert b"from multiprocessing.spawn import spawn_main" in f.read()
+    finally:
+        llm.engine.shutdown()
+
+
+def test_the_printed_command_reproduces_the_plan(capsys, layouts):
+    """Every knob the plan depends on is in its command: planning that command again gives the same plan."""
+    asked = ["--cluster", "2x8xRTX2080Ti", "-tp", "8", "-pp", "2", "--mm-encoder-tp-mode", "weights",
+             "--gpu-memory-utilization", "0.95", "--max-num-batched-tokens", "1024", "--max-model-len", "8192",
+             "--pp-layer-partition", "41,39"]
+    code, first = plan(capsys, layouts["72b"], *asked)
+    assert code == 0, first["errors"]
+    command = shlex.split(first["command"])
+    assert command[:2] == ["vlserve", "serve"] and "--max-num-batched-tokens" in command
+    code, again = plan(capsys, *command[2:], "--cluster", "2x8xRTX2080Ti")
+    assert code == 0 and again["kv_cache_tokens"] == first["kv_cache_tokens"]
+    assert again["command"] == first["command"]

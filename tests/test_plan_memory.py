@@ -1,0 +1,67 @@
+"""The memory model against the engine's own modules: the real 3B/7B/72B layouts built on the meta device (shapes,
+no memory) for each rank of a tensor/pipeline-parallel layout, in both vision modes; parameter bytes and KV bytes
+per block must equal the planner's to the byte."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlserve.config import parse_config
+from vlserve.distributed.parallel_state import (
+    PipelineStage,
+    TensorParallelGroup,
+    reset,
+    set_pipeline_stage,
+    set_tp_group,
+)
+from vlserve.engine.model_runner import ModelRunner
+from vlserve.media.options import MediaOptions
+from vlserve.model.layers.attention import Attention
+from vlserve.model.loader import default_dtype
+from vlserve.model.qwen2_5_vl import Qwen2_5_VLForCausalLM
+from vlserve.plan.layouts import layout_config
+from vlserve.plan.memory import Weights, image_patches, kv_bytes_per_block, stages
+
+
+def rank_model(cfg, tp: int, rank: int, pp: int, stage: int, mode: str):
+    set_tp_group(TensorParallelGroup(rank, tp, None))
+    set_pipeline_stage(PipelineStage(stage, pp))
+    try:
+        with torch.device("meta"), default_dtype(torch.bfloat16):
+            return Qwen2_5_VLForCausalLM(cfg, mode)
+    finally:
+        reset()
+
+
+@pytest.mark.parametrize("size, tp, pp, mode", [
+    ("7B", 1, 1, "data"), ("7B", 4, 2, "weights"), ("7B", 2, 3, "data"), ("3B", 8, 1, "data"),  # 3B: tied embeddings
+    ("3B", 2, 4, "weights"), ("72B", 8, 2, "weights"), ("72B", 8, 3, "data"),  # 72B at TP 8: KV heads 8 -> 1 per rank
+    ("3B", 16, 1, "data"),  # more ranks than KV heads: replicated
+])
+def test_weights_and_kv_per_rank_to_the_byte(size, tp, pp, mode):
+    cfg = parse_config(layout_config(size), size, Path("config.json"))
+    weights = Weights(cfg)
+    for stage in stages(cfg, pp):
+        for rank in sorted({0, tp - 1}):  # the last rank holds the vocabulary's zero-padded tail
+            model = rank_model(cfg, tp, rank, pp, stage.index, mode)
+            real = sum(p.numel() * p.element_size() for p in model.parameters())
+            assert weights.rank_bytes(tp, stage, mode == "weights" and tp > 1, 2) == real, (stage, rank)
+            runner = SimpleNamespace(attention_layers=[m for m in model.modules() if isinstance(m, Attention)],
+                                     block_size=16, dtype=torch.bfloat16)
+            assert kv_bytes_per_block(cfg, tp, len(stage.layers), 16, 2) == ModelRunner.kv_bytes_per_block(runner)
+
+
+def test_7b_figures():
+    """Qwen2.5-VL-7B: 8.29 B parameters; 28 layers x K,V x 4 KV heads x 128 dims x 2 bytes = 56 KiB per token."""
+    cfg = parse_config(layout_config("7B"), "7B", Path("config.json"))
+    stage = stages(cfg, 1)[0]
+    assert Weights(cfg).rank_bytes(1, stage, False, 2) == 16_584_333_312
+    assert kv_bytes_per_block(cfg, 1, 28, 16, 2) == 16 * 57_344
+
+
+def test_largest_image_is_what_the_profile_encodes():
+    """model_runner.profile_free_blocks: a square of max_pixels, sides floored to multiples of 28."""
+    assert image_patches(MediaOptions().max_pixels) == 256 * 256  # 3584 x 3584 pixels, 16,384 tokens
+    assert image_patches(1_003_520) == 70 * 70  # side 1001 -> 980

@@ -1,0 +1,54 @@
+"""The public Qwen2.5-VL checkpoints' config.json, from their published field values, so `vlserve plan` answers
+for a model not downloaded yet: `vlserve plan Qwen2.5-VL-72B-Instruct-AWQ --cluster 2x8xRTX2080Ti`."""
+
+import re
+from pathlib import Path
+
+from vlserve.config import ModelConfig, parse_config
+
+# size -> hidden, heads, KV heads, MLP width, layers, vocabulary, tied embeddings, vision MLP width
+SIZES = {
+    "3B": (2048, 16, 2, 11008, 36, 151936, True, 3420),
+    "7B": (3584, 28, 4, 18944, 28, 152064, False, 3420),
+    "32B": (5120, 40, 8, 27648, 64, 152064, False, 3456),
+    "72B": (8192, 64, 8, 29568, 80, 152064, False, 3456),
+}
+AWQ = {"bits": 4, "group_size": 128, "quant_method": "awq", "version": "gemm", "zero_point": True,
+       "modules_to_not_convert": ["visual"]}
+AWQ_72B_MLP = 29696  # the official 72B AWQ checkpoint pads its MLP to 232 groups of 128
+
+
+def layout_config(size: str, awq: bool = False, intermediate_size: int | None = None) -> dict:
+    """config.json of Qwen2.5-VL-{size}-Instruct (or its AWQ checkpoint)."""
+    hidden, heads, kv, mlp, layers, vocab, tied, vision_mlp = SIZES[size]
+    if awq and size == "72B":
+        mlp = AWQ_72B_MLP
+    raw = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "intermediate_size": intermediate_size or mlp, "num_hidden_layers": layers, "vocab_size": vocab,
+        "tie_word_embeddings": tied, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "torch_dtype": "float16" if awq else "bfloat16",
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": vision_mlp, "num_heads": 16,
+                          "out_hidden_size": hidden, "fullatt_block_indexes": [7, 15, 23, 31], "in_chans": 3,
+                          "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                          "tokens_per_second": 2, "hidden_act": "silu"},
+    }
+    if awq:
+        raw["quantization_config"] = dict(AWQ)
+    return raw
+
+
+def known_layout(name: str) -> ModelConfig | None:
+    """`Qwen2.5-VL-7B-Instruct`, `Qwen/Qwen2.5-VL-72B-Instruct-AWQ`, ... (case-insensitive); None if not one."""
+    match = re.fullmatch(r"(?:qwen/)?qwen2\.5-vl-(\d+b)(?:-instruct)?(-awq)?", name.strip().lower())
+    if not match or match[1].upper() not in SIZES:
+        return None
+    return parse_config(layout_config(match[1].upper(), awq=bool(match[2])), name, Path(f"{name} (built-in)"))
+
+
+def load_model_config(model: str) -> ModelConfig:
+    """A checkpoint folder's config.json, or, where no such folder exists, a public checkpoint's layout by name."""
+    layout = None if Path(model).exists() else known_layout(model)
+    return layout or ModelConfig.from_dir(model)

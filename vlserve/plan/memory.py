@@ -1,0 +1,224 @@
+"""The memory model: what each rank holds, from config.json alone, as the engine allocates it.
+
+Weights come from the checkpoint's tensor shapes (`checkpoint_shapes`) cut the way the parallel layers cut them:
+vocabulary rows and attention/MLP output rows split over tensor-parallel ranks, KV heads replicated when there are
+fewer than ranks, the vision tower whole on the first stage (data mode) or split (weights mode). The KV cache is
+sized as `LLMEngine.num_kv_blocks` does. The activation peak follows the engine's profiling step
+(`ModelRunner.profile_free_blocks`: a full token budget through the stage's layers, logits for every seat, the
+largest allowed image through the vision tower), counting the tensors alive at the worst moment of each.
+"""
+
+import math
+from dataclasses import dataclass
+
+from vlserve.config import ModelConfig, stage_layers
+from vlserve.model.layout import checkpoint_shapes
+
+MIB, GIB = 2**20, 2**30
+# Measured on an H100 (torch 2.11, CUDA 13.0; docs/benchmarks.md): memory outside PyTorch's allocator (the CUDA
+# context, kernels, library handles; 687 MiB there, rounded up), the cuBLAS workspace the first matrix product
+# allocates (33 MiB, part of the engine's profiled peak), and the allocator's rounding of the weights' blocks (0.40%
+# of them for 7B).
+CUDA_CONTEXT_BYTES = 704 * MIB
+CUBLAS_WORKSPACE_BYTES = 33 * MIB
+ALLOCATOR_ROUNDING = 0.005
+# NCCL's buffers when ranks talk over NCCL, an estimate: 9.2 MiB per connection (4 MiB simple, 4.7 MiB LL128,
+# 0.5 MiB LL protocol buffers), ring and tree connections over up to 8 channels, and the pipeline hand-offs' p2p.
+NCCL_BYTES = 256 * MIB
+CPU_PROCESS_BYTES = 1 * GIB  # Python, torch and the tokenizer, per process, on a CPU plan
+AWQ_PACK = 8  # 4-bit values per int32
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as a rank of it sees it."""
+
+    index: int
+    num_stages: int
+    layers: range
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+def stages(cfg: ModelConfig, pp: int, partition: tuple[int, ...] | None = None) -> list[Stage]:
+    return [Stage(s, pp, stage_layers(cfg.num_hidden_layers, pp, s, partition)) for s in range(pp)]
+
+
+@dataclass(frozen=True)
+class Step:
+    """The engine's worst-case profiling step."""
+
+    tokens: int  # --max-num-batched-tokens
+    logits_rows: int  # min(--max-num-seqs, tokens)
+    image_patches: int  # patches of the largest allowed image (max_pixels)
+
+
+class Weights:
+    """Bytes of parameters one rank of a stage holds, to the byte; cached per (tp, vision split, dtype)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.shapes = checkpoint_shapes(cfg)
+        self.cache: dict[tuple, tuple[list[int], dict[str, int]]] = {}
+
+    def rank_bytes(self, tp: int, stage: Stage, vision_split: bool, dtype_bytes: int) -> int:
+        layers, parts = self.parts(tp, vision_split, dtype_bytes)
+        total = sum(layers[i] for i in stage.layers)
+        if stage.is_first:
+            total += parts["model.embed_tokens."] + parts["visual."]
+        if stage.is_last:
+            total += parts["model.norm."] + parts["lm_head."]
+            if self.cfg.tie_word_embeddings and not stage.is_first:
+                total += parts["model.embed_tokens."]  # a last stage without the embedding keeps its own copy
+        return total
+
+    def parts(self, tp: int, vision_split: bool, dtype_bytes: int) -> tuple[list[int], dict[str, int]]:
+        key = (tp, vision_split, dtype_bytes)
+        if key not in self.cache:
+            layers = [0] * self.cfg.num_hidden_layers
+            parts = dict.fromkeys(("model.embed_tokens.", "visual.", "model.norm.", "lm_head."), 0)
+            for name, shape in self.shapes.items():
+                size = self.tensor_bytes(name, local_shape(self.cfg, name, shape, tp, vision_split), dtype_bytes)
+                if name.startswith("model.layers."):
+                    layers[int(name.split(".")[2])] += size
+                else:
+                    parts[next(p for p in parts if name.startswith(p))] += size
+            self.cache[key] = layers, parts
+        return self.cache[key]
+
+    def tensor_bytes(self, name: str, shape: tuple[int, ...], dtype_bytes: int) -> int:
+        group = awq_group_size(self.cfg, name)
+        if group is None:
+            return prod(shape) * dtype_bytes
+        rows, cols = shape  # AWQ GEMM layout of an (out, in) weight: qweight int32 (in, out/8), qzeros int32
+        groups = cols // group  # (in/group, out/8), scales fp16 (in/group, out)
+        return cols * rows // 2 + groups * (rows // AWQ_PACK) * 4 + groups * rows * 2
+
+
+def prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+QUANTIZED = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight", ".gate_proj.weight",
+             ".up_proj.weight", ".down_proj.weight")
+VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "merger.mlp.0.")  # output rows split
+VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "merger.mlp.2.weight")  # input columns split
+
+
+def awq_group_size(cfg: ModelConfig, name: str) -> int | None:
+    """The AWQ group size if this checkpoint tensor is a 4-bit quantized weight, else None."""
+    q = cfg.quantization or {}
+    if q.get("quant_method") != "awq" or not name.startswith("model.layers.") or not name.endswith(QUANTIZED):
+        return None
+    if any(module in name for module in q.get("modules_to_not_convert") or ()):
+        return None
+    return int(q.get("group_size", 128))
+
+
+def local_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...], tp: int, vision_split: bool) -> tuple[int, ...]:
+    """The shape of this rank's slice, as linear.py / embedding.py / vision.py cut it."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (-(-shape[0] // tp), shape[1])  # vocabulary rows, the last rank zero-padded
+    if name.startswith("visual."):
+        if not vision_split:
+            return shape
+        if any(part in name for part in VISION_COLUMN):
+            return (shape[0] // tp, *shape[1:])
+        return (shape[0], shape[1] // tp) if name.endswith(VISION_ROW) else shape
+    if ".k_proj." in name or ".v_proj." in name:  # fewer KV heads than ranks: each rank keeps one
+        return (max(1, cfg.num_key_value_heads // tp) * cfg.head_dim, *shape[1:])
+    if ".q_proj." in name or ".gate_proj." in name or ".up_proj." in name:
+        return (shape[0] // tp, *shape[1:])
+    if name.endswith((".o_proj.weight", ".down_proj.weight")):
+        return (shape[0], shape[1] // tp)
+    return shape
+
+
+def kv_bytes_per_block(cfg: ModelConfig, tp: int, num_layers: int, block_size: int, dtype_bytes: int) -> int:
+    """As ModelRunner.kv_bytes_per_block: K and V of `block_size` tokens in each of the rank's layers."""
+    return 2 * block_size * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim * dtype_bytes * num_layers
+
+
+def image_patches(max_pixels: int, patch_size: int = 14, merge: int = 2) -> int:
+    """Patches of the largest image the profiling step encodes: a square of max_pixels, sides a multiple of 28."""
+    unit = patch_size * merge
+    side = int(max_pixels**0.5) // unit * unit
+    return (side // patch_size) ** 2
+
+
+def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int) -> int:
+    """Peak bytes above the weights during the engine's profiling step on one rank of `stage`."""
+    t, h, b = step.tokens, cfg.hidden_size, dtype_bytes
+    hidden = t * h * b
+    base = 2 * t * 8  # token ids and positions (int64)
+    if not stage.is_first:
+        base += 2 * hidden  # hidden states and residual received from the previous stage
+    peaks = [language_peak(cfg, tp, stage, t, b)]
+    final = hidden if stage.is_last else 2 * hidden  # the stage's output, alive until the profile ends
+    if stage.is_last:
+        peaks.append(final + logits_peak(cfg, tp, min(step.logits_rows, t), b))
+    if stage.is_first and cfg.vision is not None and step.image_patches:
+        peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b))
+    return base + max(peaks)
+
+
+def language_peak(cfg: ModelConfig, tp: int, stage: Stage, t: int, b: int) -> int:
+    """A decoder layer in the middle of the stage. Alive: the stage's input (the embedding, or the received pair),
+    the previous layer's output and residual (held by the layer loop), this layer's residual and normed input; then
+    the largest of the MLP, attention and RMSNorm temporaries."""
+    d, h = cfg.head_dim, cfg.hidden_size
+    hidden = t * h * b
+    resident = (5 if stage.is_first else 4) * hidden
+    heads, kv_heads = cfg.num_attention_heads // tp, max(1, cfg.num_key_value_heads // tp)
+    q, k = t * heads * d * b, t * kv_heads * d * b
+    qkv, rotary = q + 2 * k, 2 * t * d * b
+    # qkv output, then: q rotated (q*cos, rotate_half, *sin: three q-sized temporaries) or, in the varlen kernel
+    # (flash, or Triton before sm_80; memory linear in T), the rotated q and k and the output
+    attention = qkv + rotary + 3 * q + k
+    mlp = 4 * t * (cfg.intermediate_size // tp) * b  # gate|up, SiLU(gate), SiLU(gate) * up
+    norm = (2 if b < 4 else 1) * t * h * 4 + hidden  # RMSNorm's fp32 copies, and the residual sum
+    return resident + max(attention, mlp, norm)
+
+
+def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:
+    """compute_logits on the last `rows` positions: this rank's vocabulary slice, gathered, then cast to fp32."""
+    local = rows * -(-cfg.vocab_size // tp) * b
+    gathered = local * tp if tp > 1 else 0
+    during_gather = local + 2 * gathered  # the slice, every rank's slice, their concatenation
+    return max(during_gather, (gathered or local) + rows * cfg.vocab_size * 4)
+
+
+def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int) -> int:
+    """The tower on the largest image: pixels (fp32, as the preprocessor made them) and the rotary tables stay
+    alive; in a block, its input and normed input plus the worst of: the 2-D rotary (computed in fp32), attention,
+    the MLP."""
+    v = cfg.vision
+    n, heads = patches, v.num_heads // tp if split else v.num_heads
+    mlp_width = v.intermediate_size // tp if split else v.intermediate_size
+    x = n * v.hidden_size * b
+    q = n * heads * v.head_dim * b
+    q32 = n * heads * v.head_dim * 4
+    resident = n * v.patch_dim * 4 + 2 * n * v.head_dim * 4
+    rotary = 2 * x + 3 * q + q + 4 * q32  # input, normed, qkv, rotated q; then k's fp32 temporaries
+    attention = 2 * x + 3 * q + 4 * q  # input, normed, qkv, rotated q and k, output buffer, SDPA output
+    mlp = 3 * x + 4 * n * mlp_width * b  # input, after attention, normed; gate|up, SiLU, product
+    embed = n * v.patch_dim * b + 2 * x  # pixels cast to the model dtype; patch embedding and its reordering
+    return resident + max(rotary, attention, mlp, embed)
+
+
+def reserve_bytes(on_gpu: bool, world: int, weights: int) -> int:
+    """What a rank holds besides weights, activations and KV: the CUDA context, cuBLAS's workspace, the allocator's
+    rounding, and NCCL's buffers when ranks communicate; on a CPU, the process itself."""
+    if not on_gpu:
+        return CPU_PROCESS_BYTES
+    nccl = NCCL_BYTES if world > 1 else 0
+    return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + math.ceil(weights * ALLOCATOR_ROUNDING) + nccl
