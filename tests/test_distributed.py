@@ -6,12 +6,13 @@ import signal
 import time
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from hf_reference import image_url, text
 from vlserve import LLM, SamplingParams
-from vlserve.config import ModelConfig, valid_tensor_parallel_sizes
+from vlserve.config import ModelConfig, stage_layers, valid_tensor_parallel_sizes
 from vlserve.distributed.executor import balanced_owners
-from vlserve.distributed.parallel_state import stage_layers
 from vlserve.errors import ConfigError, EngineDeadError
 
 CONVERSATIONS = [  # three new images in the first step: with -tp 2 the ranks share the vision work
@@ -29,14 +30,21 @@ def tokens(llm):
 @pytest.mark.parametrize("fixture, tp, pp", [("tiny_ckpt", 2, 1), ("tiny_sharded_ckpt", 2, 1),
                                              ("tiny_ckpt", 1, 2), ("tiny_sharded_ckpt", 1, 3),
                                              ("tiny_sharded_ckpt", 2, 2)])
-def test_parallel_equals_one_process(request, fixture, tp, pp):
-    """tiny_sharded has tied embeddings (the last stage loads the shared matrix) and 3 layers over 2 stages."""
+def test_parallel_equals_one_process(request, fixture, tp, pp, device):
+    """tiny_sharded has tied embeddings (the last stage loads the shared matrix) and 3 layers over 2 stages.
+    With VLSERVE_TEST_DEVICE=cuda: NCCL, one GPU per rank."""
+    if device.startswith("cuda") and tp * pp > torch.cuda.device_count():
+        pytest.skip(f"needs {tp * pp} GPUs, this machine has {torch.cuda.device_count()}")
     ckpt = request.getfixturevalue(fixture)
-    expected = tokens(LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1))
-    llm = LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp)
+    kwargs = dict(device=device, progress=False, num_gpu_blocks_override=256)
+    expected = tokens(LLM(str(ckpt), **kwargs))
+    llm = LLM(str(ckpt), tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
+    engine, depths = llm.engine, []
+    complete = engine.complete
+    engine.complete = lambda batch: depths.append(len(engine.in_flight) + 1) or complete(batch)
     try:
         assert tokens(llm) == expected
+        assert max(depths) == pp  # one batch per stage in flight: the 3 conversations split over the stages
         bm = llm.engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks
     finally:
@@ -57,10 +65,28 @@ def test_images_are_spread_by_patch_count():
     assert sorted(balanced_owners([5, 5, 5], 3)) == [0, 1, 2]
 
 
-def test_stage_layers_split_evenly():
+def test_stage_layers_split_evenly_unless_told():
     assert [list(stage_layers(80, 3, s)) for s in range(3)] == [list(range(0, 27)), list(range(27, 54)),
                                                                  list(range(54, 80))]
     assert [len(stage_layers(28, 8, s)) for s in range(8)] == [4, 4, 4, 4, 3, 3, 3, 3]
+    assert [list(stage_layers(28, 3, s, (10, 10, 8))) for s in range(3)] == [list(range(0, 10)),
+                                                                             list(range(10, 20)), list(range(20, 28))]
+
+
+def test_layer_partition(tiny_sharded_ckpt):
+    """3 layers as 1 + 2 instead of the even 2 + 1: the same tokens; partitions that do not fit are refused."""
+    kwargs = dict(device="cpu", progress=False, num_gpu_blocks_override=256)
+    expected = tokens(LLM(str(tiny_sharded_ckpt), **kwargs))
+    llm = LLM(str(tiny_sharded_ckpt), pipeline_parallel_size=2, pp_layer_partition=(1, 2), **kwargs)
+    try:
+        assert list(llm.engine.runner.runner.model.model.layer_ids) == [0]
+        assert tokens(llm) == expected
+    finally:
+        llm.engine.shutdown()
+    with pytest.raises(ConfigError, match="--pp-layer-partition 2,2 places 4 layers, the model has 3"):
+        LLM(str(tiny_sharded_ckpt), pipeline_parallel_size=2, pp_layer_partition=(2, 2), **kwargs)
+    with pytest.raises(ConfigError, match="--pp-layer-partition 3 must give each of the 2 stages"):
+        LLM(str(tiny_sharded_ckpt), pipeline_parallel_size=2, pp_layer_partition=(3,), **kwargs)
 
 
 def test_dead_worker_fails_the_step(tiny_ckpt):
@@ -88,10 +114,22 @@ def test_shutdown_after_a_failed_step_does_not_hang(tiny_ckpt):
     def failing_run(step):
         raise RuntimeError("simulated failure on rank 0")
 
-    engine.runner.runner.run = failing_run
+    engine.runner.runner.launch = failing_run
     engine.add_request(llm.prepare("hello")[0], SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError, match="simulated"):
         engine.step()
     start = time.monotonic()
     engine.shutdown()
     assert time.monotonic() - start < 15 and not any(w.is_alive() for w in engine.runner.workers)
+
+
+def test_mp_executor_with_one_rank_matches_local(tiny_ckpt, device):
+    """`mp` at TP=1 still sets up the process group (NCCL on a GPU, Gloo here) and runs the step through it."""
+    kwargs = dict(device=device, progress=False, kv_cache_memory_gib=0.1, num_gpu_blocks_override=64)
+    expected = tokens(LLM(str(tiny_ckpt), distributed_executor_backend="local", **kwargs))
+    llm = LLM(str(tiny_ckpt), distributed_executor_backend="mp", **kwargs)
+    try:
+        assert dist.get_backend() == ("nccl" if device.startswith("cuda") else "gloo")
+        assert tokens(llm) == expected
+    finally:
+        llm.engine.shutdown()

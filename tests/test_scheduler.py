@@ -216,3 +216,39 @@ def test_random_load_finishes_everything(chunked, prefix):
     assert sum(s.num_preemptions for s in added) > 0
     assert (sched.block_manager.hits > 0) == prefix
     sched.block_manager.assert_all_free()
+
+
+def test_sequences_in_flight_are_skipped_and_never_preempted():
+    """Pipeline parallel: a sequence whose step is still in the pipeline is neither scheduled again nor preempted
+    (its blocks are being written); the step makes do with the others, or waits."""
+    sched = make_scheduler(num_blocks=4)
+    old, new = make_seq(range(BS * 2), request_id="old"), make_seq(range(100, 100 + BS), request_id="new")
+    for seq in (old, new):
+        sched.add(seq)
+    assert [s.seq for s in sched.schedule().scheduled] == [old, new]  # 3 of 4 blocks
+    for s in (old, new):
+        s.num_computed_tokens = s.num_tokens
+        s.output_token_ids.append(7)  # each now needs one more block for its first output token
+    new.in_flight = True
+    out = sched.schedule()  # old needs a block: one is free
+    assert [s.seq for s in out.scheduled] == [old] and not out.preempted
+    old.output_token_ids.extend([7] * BS)  # old needs a 4th block, none free; only `new` could give one
+    old.num_computed_tokens = old.num_tokens - 1
+    sched.block_manager.mark_computed(old, old.num_computed_tokens)
+    out = sched.schedule()
+    assert out.scheduled == [] and out.preempted == [] and new.status == SequenceStatus.RUNNING
+    new.in_flight = False
+    out = sched.schedule()  # now the newest may go
+    assert out.preempted == [new] and [s.seq for s in out.scheduled] == [old]
+
+
+def test_batches_can_be_capped_below_the_seats():
+    sched = make_scheduler()
+    seqs = [make_seq(range(i, i + 5), request_id=str(i)) for i in range(5)]
+    for seq in seqs:
+        sched.add(seq)
+    first = sched.schedule(max_seqs=3)
+    assert [s.seq for s in first.scheduled] == seqs[:3]
+    for s in first.scheduled:
+        s.seq.in_flight = True
+    assert [s.seq for s in sched.schedule(max_seqs=3).scheduled] == seqs[3:]  # the rest, admitted

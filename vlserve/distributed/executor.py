@@ -1,13 +1,14 @@
-"""Where the model runs: in this process, or as tensor-parallel groups in pipeline stages, one spawned process
-per rank (`mp`).
+"""Where the model runs: in this process (`local`), or as tensor-parallel groups in pipeline stages, one process per
+rank: spawned on this machine (`mp`) or Ray actors across machines (`ray`, in ray_executor.py).
 
-With `mp`, global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings)
+Global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings)
 and broadcasts it; every rank runs its part (its weight shard of its stage's layers), so the collectives inside
 the model line up, and stages hand hidden states on. Processes are always started with `spawn` (never fork
 after CUDA is initialised). Stages run one after another for a step (no micro-batches in flight yet).
 """
 
 import atexit
+import contextlib
 import logging
 import multiprocessing as mp
 import socket
@@ -20,7 +21,7 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
     set_tp_group
 from vlserve.engine.model_runner import ModelRunner
-from vlserve.errors import EngineDeadError
+from vlserve.errors import ConfigError, EngineDeadError
 from vlserve.media.item import MediaItem
 
 log = logging.getLogger("vlserve.distributed")
@@ -30,29 +31,53 @@ GATHER = ("encode_share",)  # results rank 0 collects from every rank
 
 def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                 progress: bool = True):
-    if engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size == 1:
+    backend = choose_backend(engine_cfg, device)
+    log.info("executor backend: %s", backend)
+    if backend == "local":
         reset()  # whole layers in one stage, whatever an earlier engine in this process used
         return ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
+    if backend == "ray":
+        from vlserve.distributed.ray_executor import RayRunner  # Ray is an optional dependency
+
+        return RayRunner(model_cfg, engine_cfg, device, dtype, progress)
     return MultiprocRunner(model_cfg, engine_cfg, device, dtype, progress)
+
+
+def choose_backend(engine_cfg: EngineConfig, device: torch.device) -> str:
+    """--distributed-executor-backend, else: one rank runs here; ranks beyond this machine's GPUs need Ray."""
+    world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
+    if engine_cfg.distributed_executor_backend:
+        backend = engine_cfg.distributed_executor_backend
+    elif world == 1:
+        backend = "local"
+    else:
+        backend = "ray" if device.type == "cuda" and world > torch.cuda.device_count() else "mp"
+    if backend == "mp" and device.type == "cuda" and world > torch.cuda.device_count():
+        raise ConfigError(
+            f"--tensor-parallel-size x --pipeline-parallel-size = {world} ranks, one GPU each, but this machine has "
+            f"{torch.cuda.device_count()}; lower the sizes or start a cluster (`vlserve cluster head`/`join`) and "
+            "use --distributed-executor-backend ray")
+    return backend
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_groups(rank: int, tp: int, pp: int, init_method: str, device: torch.device, timeout_s: float) -> None:
+def init_groups(rank: int, engine_cfg: EngineConfig, init_method: str, device: torch.device) -> None:
+    tp, pp = engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp * pp,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=engine_cfg.distributed_timeout_s))
     stage = rank // tp
     for s in range(pp):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(s * tp, (s + 1) * tp)))
         if s == stage:
             set_tp_group(TensorParallelGroup(rank % tp, tp, group))
     set_pipeline_stage(PipelineStage(stage, pp, rank - tp if stage > 0 else None,
-                                     rank + tp if stage < pp - 1 else None))
+                                     rank + tp if stage < pp - 1 else None, engine_cfg.pp_layer_partition))
 
 
 def control_group() -> dist.ProcessGroup:
@@ -62,9 +87,8 @@ def control_group() -> dist.ProcessGroup:
 
 def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                 device: torch.device, dtype: torch.dtype) -> None:
-    device = rank_device(device, rank)
-    init_groups(rank, engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size, init_method, device,
-                engine_cfg.distributed_timeout_s)
+    """One rank other than 0, until rank 0 broadcasts shutdown. `device` is this rank's own."""
+    init_groups(rank, engine_cfg, init_method, device)
     control = control_group()
     runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
     while True:
@@ -96,9 +120,9 @@ def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
     return owner
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -107,22 +131,40 @@ class MultiprocRunner:
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  progress: bool):
-        tp, pp = engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.closed = self.broken = False
+        self.workers = []  # before anything can fail: shutdown() reads it
+        atexit.register(self.shutdown)
+        try:
+            host = self.rendezvous_host()
+            init_method = f"tcp://{host}:{free_port(host)}"
+            device = self.start_workers(init_method, model_cfg, engine_cfg, device, dtype)
+            init_groups(0, engine_cfg, init_method, device)
+            self.control = control_group()
+            self.runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
+        except BaseException:
+            self.broken = True  # the workers cannot be told: stop them
+            self.shutdown()
+            raise
+        self.runner.encode = self.encode_all if engine_cfg.mm_encoder_tp_mode == "weights" else self.encode_spread
+        self.tp = engine_cfg.tensor_parallel_size
+        log.info("tensor parallel %d x pipeline parallel %d over %s", self.tp, engine_cfg.pipeline_parallel_size,
+                 dist.get_backend())
+
+    def rendezvous_host(self) -> str:
+        """Where the other ranks reach rank 0's torch.distributed store."""
+        return "127.0.0.1"
+
+    def start_workers(self, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                      device: torch.device, dtype: torch.dtype) -> torch.device:
+        """Starts ranks 1.. as spawned processes (one GPU each); returns rank 0's device."""
         ctx = mp.get_context("spawn")
+        world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
         self.workers = [ctx.Process(target=worker_main, name=f"vlserve-rank{rank}", daemon=True,
-                                    args=(rank, init_method, model_cfg, engine_cfg, device, dtype))
-                        for rank in range(1, tp * pp)]
+                                    args=(rank, init_method, model_cfg, engine_cfg, rank_device(device, rank), dtype))
+                        for rank in range(1, world)]
         for worker in self.workers:
             worker.start()
-        atexit.register(self.shutdown)
-        init_groups(0, tp, pp, init_method, rank_device(device, 0), engine_cfg.distributed_timeout_s)
-        self.control = control_group()
-        self.runner = ModelRunner(model_cfg, engine_cfg, rank_device(device, 0), dtype, progress=progress)
-        self.runner.encode = self.encode_spread
-        self.tp = tp
-        self.closed = self.broken = False
-        log.info("tensor parallel %d x pipeline parallel %d over %s", tp, pp, dist.get_backend())
+        return rank_device(device, 0)
 
     @property
     def vision_cache(self):
@@ -132,10 +174,16 @@ class MultiprocRunner:
         return self.runner.kv_bytes_per_block()
 
     def call(self, method: str, *args):
+        """Every rank runs runner.<method>(*args); returns rank 0's result."""
         self.check_workers()
-        dist.broadcast_object_list([(method, args)], src=0, group=self.control)
-        try:
+        with self.collective():
+            dist.broadcast_object_list([(method, args)], src=0, group=self.control)
             return getattr(self.runner, method)(*args)
+
+    @contextlib.contextmanager
+    def collective(self):
+        try:
+            yield
         except BaseException:
             self.broken = True  # the workers may be waiting in a collective rank 0 will never join
             raise
@@ -144,7 +192,9 @@ class MultiprocRunner:
         self.call("allocate_kv_cache", num_blocks)
 
     def profile_free_blocks(self, *args) -> int:
-        return min_across_ranks(self.call("profile_free_blocks", *args), self.control)
+        free = self.call("profile_free_blocks", *args)
+        with self.collective():
+            return min_across_ranks(free, self.control)
 
     def encode_spread(self, items: list[MediaItem]) -> list[torch.Tensor]:
         """Vision data mode: the first stage's ranks each encode a share of the step's new media (balanced by
@@ -153,18 +203,33 @@ class MultiprocRunner:
             return self.runner.model.encode_media(items)
         owner = balanced_owners([item.pixel_values.shape[0] for item in items], self.tp)
         shares = [[item for item, o in zip(items, owner) if o == rank] for rank in range(self.tp)]
-        self.check_workers()
-        dist.broadcast_object_list([("encode_share", (shares,))], src=0, group=self.control)
-        mine = self.runner.model.encode_media(shares[0])
+        mine = self.call("encode_share", shares)
         gathered = [None] * dist.get_world_size()
-        dist.gather_object([], gathered, dst=0, group=self.control)
+        with self.collective():
+            dist.gather_object([], gathered, dst=0, group=self.control)
         gathered[0] = mine
         parts = [iter(g) for g in gathered]
         return [next(parts[o]).to(self.runner.device) for o in owner]
 
-    def execute(self, scheduled):
+    def encode_all(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """Vision weights mode: the first stage's ranks each hold a slice of the tower and run it together on all
+        of the step's new media; rank 0 keeps the embeddings."""
+        if self.tp == 1 or not items:
+            return self.runner.model.encode_media(items)
+        return self.call("encode_all", items)
+
+    def submit(self, scheduled):
+        """Starts a step on every rank; rank 0 returns once its own stage is done (see ModelRunner.launch)."""
         step, sample_seqs = self.runner.prepare(scheduled)
-        return sample_seqs, self.call("run", step)
+        self.check_workers()
+        with self.collective():
+            dist.broadcast_object_list([("run", (step,))], src=0, group=self.control)
+            return sample_seqs, self.runner.launch(step)
+
+    def wait(self, handle):
+        sample_seqs, pending = handle
+        with self.collective():
+            return sample_seqs, self.runner.collect(pending)
 
     def check_workers(self) -> None:
         for worker in self.workers:
@@ -175,14 +240,17 @@ class MultiprocRunner:
         if self.closed:
             return
         self.closed = True
-        if not self.broken and all(w.is_alive() for w in self.workers):
+        try:
+            if self.broken or not all(w.is_alive() for w in self.workers):
+                raise EngineDeadError("the workers cannot all be told")
             dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
-        else:  # the group is broken: stop the survivors rather than wait on a collective
+        except Exception:  # the group is broken: stop the survivors rather than wait on a collective
             for worker in self.workers:
                 worker.kill()
         for worker in self.workers:
             worker.join(timeout=10)
             if worker.is_alive():
                 worker.kill()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         reset()

@@ -23,6 +23,7 @@ class PipelineStage:
     num_stages: int = 1
     prev_rank: int | None = None  # global rank of the same tensor-parallel rank in the previous stage
     next_rank: int | None = None
+    layer_partition: tuple[int, ...] | None = None  # --pp-layer-partition; None: an even split
 
     @property
     def is_first(self) -> bool:
@@ -79,8 +80,4 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """Even split; when it does not divide, the first stages take one layer more."""
-    base, extra = divmod(num_layers, num_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
+

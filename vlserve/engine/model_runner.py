@@ -2,7 +2,7 @@
 runs the language model over the paged KV cache and returns the logits of the sequences that sample."""
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -58,9 +58,20 @@ class StepInput:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        meta = replace(self.meta, slot_mapping=move(self.meta.slot_mapping))
-        return StepInput(move(self.input_ids), move(self.positions), meta, move(self.media_embeds),
+        return StepInput(move(self.input_ids), move(self.positions), self.meta.to(device), move(self.media_embeds),
                          move(self.media_mask), self.sample_rows)
+
+
+@dataclass
+class PendingLogits:
+    """A launched step's sampling logits: ready, or (global rank 0 of a pipeline) arriving from the last stage."""
+
+    logits: torch.Tensor | None
+    receive: dist.Work | None = None
+
+
+def last_stage_first_rank(stage) -> int:
+    return (stage.num_stages - 1) * tp_size()
 
 
 class ModelRunner:
@@ -68,10 +79,13 @@ class ModelRunner:
                  progress: bool = True):
         self.cfg, self.device, self.dtype = model_cfg, device, dtype
         self.block_size = engine_cfg.block_size
-        self.model = load_model(model_cfg, dtype, device, progress=progress)
+        self.model = load_model(model_cfg, dtype, device, progress=progress,
+                                vision_tp_mode=engine_cfg.mm_encoder_tp_mode)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.vision_cache = VisionCache(engine_cfg.vision_cache_mib << 20)
         self.encode = self.model.encode_media  # a tensor-parallel runner spreads images over its ranks instead
+        self.step_tag = 0  # steps launched: tags the messages between pipeline stages
+        self.handoff = []  # (send, tensor) of this stage's hand-off of the last step: tensors live until sent
 
     def kv_bytes_per_block(self) -> int:
         a = self.attention_layers[0]
@@ -85,6 +99,11 @@ class ModelRunner:
         if not pipeline_stage().is_first or rank >= len(shares):
             return []
         return [e.cpu() for e in self.model.encode_media(shares[rank])]
+
+    def encode_all(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """Vision weights mode: every first-stage rank runs its slice of the tower on the same items (the
+        collectives inside line up); later stages hold no tower and skip."""
+        return self.model.encode_media(items) if pipeline_stage().is_first else []
 
     def shutdown(self) -> None:
         """A one-process runner holds nothing beyond its tensors (tensor-parallel runners stop their workers)."""
@@ -101,42 +120,63 @@ class ModelRunner:
         step, sample_seqs = self.prepare(scheduled)
         return sample_seqs, self.run(step)
 
-    @torch.inference_mode()
+    def submit(self, scheduled: list[tuple[Sequence, int]]):
+        """One process computes a step at once; `wait` hands back what `execute` returned."""
+        return self.execute(scheduled)
+
+    def wait(self, handle) -> tuple[list[Sequence], torch.Tensor]:
+        return handle
+
     def run(self, step: StepInput) -> torch.Tensor | None:
         """Runs this rank's part of the step; returns the sampling logits on global rank 0, None elsewhere."""
+        return self.collect(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> "PendingLogits":
+        """Runs this rank's stage of the step without waiting for the later stages: hidden states go on
+        asynchronously, then global rank 0 posts the receive of the step's logits (before it takes the next step,
+        so the last stage never waits on it; after the send, because NCCL runs one pair's transfers in the order
+        they were posted). The pipeline can then take the next step while this one is in flight."""
         step, stage = step.to(self.device), pipeline_stage()
+        self.step_tag += 1  # matches each step's messages between stages on Gloo (NCCL keeps their order)
+        rows = len(step.sample_rows)
         intermediate = None if stage.is_first else self.receive_intermediate(len(step.input_ids), stage)
         out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask,
                          intermediate)
         if not stage.is_last:
-            for t in out:
-                dist.send(t.contiguous(), stage.next_rank)
-            logits = None
-        elif step.sample_rows:
+            for send, _ in self.handoff:
+                send.wait()  # the previous step's (long received: stages take steps in order)
+            self.handoff = [(dist.isend(t, stage.next_rank, tag=self.step_tag), t) for t in (x.contiguous() for x in out)]
+            return self.post_logits_receive(rows, stage)
+        if rows:
             logits = self.model.compute_logits(out[torch.tensor(step.sample_rows, device=self.device)])
         else:
             logits = out.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
-        return logits if stage.num_stages == 1 else self.logits_to_rank0(logits, len(step.sample_rows), stage)
+        if stage.num_stages == 1:
+            return PendingLogits(logits)
+        if dist.get_rank() == last_stage_first_rank(stage) and rows:
+            dist.send(logits, 0, tag=self.step_tag)
+        return PendingLogits(None)
+
+    def collect(self, pending: "PendingLogits") -> torch.Tensor | None:
+        if pending.receive is not None:
+            pending.receive.wait()
+        return pending.logits
+
+    def post_logits_receive(self, rows: int, stage) -> "PendingLogits":
+        """Sampling happens on global rank 0 (first stage): the last stage's first rank ships the logits."""
+        if stage.num_stages == 1 or dist.get_rank() != 0:
+            return PendingLogits(None)
+        logits = torch.empty(rows, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        receive = dist.irecv(logits, last_stage_first_rank(stage), tag=self.step_tag) if rows else None
+        return PendingLogits(logits, receive)
 
     def receive_intermediate(self, num_tokens: int, stage) -> tuple[torch.Tensor, torch.Tensor]:
         parts = tuple(torch.empty(num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
                       for _ in range(2))  # hidden states and the residual stream
         for t in parts:
-            dist.recv(t, stage.prev_rank)
+            dist.recv(t, stage.prev_rank, tag=self.step_tag)
         return parts
-
-    def logits_to_rank0(self, logits, rows: int, stage) -> torch.Tensor | None:
-        """Sampling happens on global rank 0 (first stage): the last stage's first rank ships the logits."""
-        last_first = (stage.num_stages - 1) * tp_size()
-        rank = dist.get_rank()
-        if rank == last_first and rows:
-            dist.send(logits, 0)
-        if rank != 0:
-            return None
-        logits = torch.empty(rows, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
-        if rows:
-            dist.recv(logits, last_first)
-        return logits
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence]]:
         encoded = self.encode_media(scheduled)
@@ -159,7 +199,7 @@ class ModelRunner:
                 sample_seqs.append(seq)
         # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
         # here, and each moves it to its own device.
-        meta = AttentionMetadata(cu, context_lens, tables, torch.tensor(slots))
+        meta = AttentionMetadata.from_lengths([n for _, n in scheduled], context_lens, tables, slots)
         embeds = torch.cat(media_rows) if media_rows else None
         step = StepInput(torch.tensor(ids), torch.cat(positions, dim=1), meta, embeds,
                          torch.tensor(media_mask) if media_rows else None, sample_rows)
@@ -218,7 +258,8 @@ class ModelRunner:
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         intermediate = None if stage.is_first else tuple(
             torch.zeros(tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device) for _ in range(2))
-        out = self.model(ids, torch.arange(tokens, device=self.device), AttentionMetadata.from_lengths([tokens]),
+        meta = AttentionMetadata.from_lengths([tokens]).to(self.device)
+        out = self.model(ids, torch.arange(tokens, device=self.device), meta,
                          intermediate=intermediate)
         if stage.is_last:
             self.model.compute_logits(out[-min(sched.max_num_seqs, tokens):])

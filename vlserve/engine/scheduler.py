@@ -7,7 +7,8 @@ sequence is preempted (its KV dropped, recomputed later from its tokens) and req
 Contract with the engine: a scheduled sequence computes tokens [num_computed_tokens, num_computed_tokens +
 num_new_tokens); `schedule` has already made their full blocks findable in the prefix cache. After the step the
 engine adds num_new_tokens to num_computed_tokens, appends a sampled token where the chunk reached the last token,
-and calls `finish` on each sequence that is done. `abort` and `finish` run between steps.
+and calls `finish` on each sequence that is done. `abort` and `finish` run between steps. Under pipeline parallel a
+sequence may be `in_flight` (its step not back yet): it is skipped, and never preempted.
 """
 
 import time
@@ -61,20 +62,27 @@ class Scheduler:
         self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """max_seqs: sequences in this step at most (pipeline parallel splits the running ones into a batch per
+        stage); the seat limit, --max-num-seqs, counts every running sequence, in flight or not."""
         out = SchedulerOutput()
-        budget = self.cfg.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget:
-            seq = self.running[i]
+        budget, short_of_blocks = self.cfg.max_num_batched_tokens, False
+        max_seqs = max_seqs or self.cfg.max_num_seqs
+        for seq in list(self.running):  # a copy: making room may preempt the newest
+            if not budget or seq.status != SequenceStatus.RUNNING or len(out.scheduled) == max_seqs:
+                break  # out of tokens, seq was preempted to make room for an older one, or the batch is full
+            if seq.in_flight:
+                continue  # its last step's token has not come back yet
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
-                break  # seq was the newest and preempted itself
+                short_of_blocks = True  # seq preempted itself, or only sequences in flight could have made room
+                break
             self._run(seq, seq.num_computed_tokens, num_new, out)
             budget -= num_new
-            i += 1
-        # A step that had to preempt has no blocks to spare for newcomers.
-        while self.waiting and budget and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+        # A step short of blocks for its running sequences has none to spare for newcomers.
+        short_of_blocks = short_of_blocks or bool(out.preempted)
+        while (self.waiting and budget and not short_of_blocks and len(self.running) < self.cfg.max_num_seqs
+               and len(out.scheduled) < max_seqs):
             seq = self.waiting[0]
             chunk = self._first_chunk(seq, budget)
             if chunk is None:
@@ -112,8 +120,11 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, num_new))
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
-        """Preempts the newest running sequences until seq's first num_tokens tokens fit; False if seq went."""
+        """Preempts the newest running sequences until seq's first num_tokens tokens fit; False if seq went, or if
+        the newest is in flight (its blocks are being written: seq waits for a later step)."""
         while not self.block_manager.can_allocate(seq, num_tokens):
+            if self.running[-1].in_flight:
+                return False
             victim = self.running.pop()
             self.block_manager.free(victim)
             victim.reset_for_recompute()

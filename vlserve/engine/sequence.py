@@ -58,6 +58,7 @@ class Sequence:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    in_flight: bool = False  # in a step whose result has not come back (pipeline parallel keeps several going)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -31,10 +31,10 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-               progress: bool = True) -> Qwen2_5_VLForCausalLM:
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, progress: bool = True,
+               vision_tp_mode: str = "data") -> Qwen2_5_VLForCausalLM:
     with torch.device(device), default_dtype(dtype):
-        model = Qwen2_5_VLForCausalLM(cfg)
+        model = Qwen2_5_VLForCausalLM(cfg, vision_tp_mode)
     load_weights(model, cfg.path, progress=progress)
     return model.eval()
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from vlserve.config import ModelConfig
-from vlserve.distributed.parallel_state import pipeline_stage, stage_layers
+from vlserve.config import stage_layers
+from vlserve.distributed.parallel_state import pipeline_stage
 from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import Attention, AttentionMetadata
 from vlserve.model.layers.embedding import VocabParallelEmbedding
@@ -71,7 +72,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         stage = pipeline_stage()
-        self.layer_ids = stage_layers(cfg.num_hidden_layers, stage.num_stages, stage.stage)
+        self.layer_ids = stage_layers(cfg.num_hidden_layers, stage.num_stages, stage.stage, stage.layer_partition)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in self.layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None

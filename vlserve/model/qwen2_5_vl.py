@@ -29,12 +29,12 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vision_tp_mode: str = "data"):
         super().__init__()
         self.cfg = cfg
         self.stage = pipeline_stage()
         first, last = self.stage.is_first, self.stage.is_last
-        self.visual = VisionTransformer(cfg.vision) if cfg.vision is not None and first else None
+        self.visual = VisionTransformer(cfg.vision, vision_tp_mode) if cfg.vision is not None and first else None
         self.model = Qwen2Model(cfg)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if last else None
         if cfg.tie_word_embeddings and first and last:

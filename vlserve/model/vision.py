@@ -1,7 +1,8 @@
 """Qwen2.5-VL vision tower: patch embedding, window attention with a few full-attention blocks, patch merger.
 
-Runs in data mode (weights whole on every rank) unless given a tensor-parallel `tp`; images are independent,
-so ranks can split them.
+Two ways to run under tensor parallel (--mm-encoder-tp-mode): data mode keeps the weights whole on every rank
+(images are independent, so ranks split the images); weights mode splits attention heads, the MLPs and the merger's
+MLP over the tensor-parallel group, and every rank runs the same images. The patch embedding stays whole.
 """
 
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlserve.config import VisionConfig
+from vlserve.distributed.parallel_state import tp_rank, tp_size
 from vlserve.model.layers.activation import SiluAndMul
-from vlserve.model.layers.attention import varlen_attention
+from vlserve.model.layers.attention import AttentionMetadata, varlen_attention
 from vlserve.model.layers.linear import (
     ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, expect_shape, copy_into,
 )
@@ -29,21 +31,20 @@ class VisionLayout:
 
     hw_positions: torch.Tensor  # (N, 2) row/column of each patch, merge groups contiguous
     window_order: torch.Tensor  # (N/4,) merge groups reordered so each window is contiguous
-    cu_full: list[int]  # one span per frame (full attention)
-    cu_window: list[int]  # one span per window
+    full: AttentionMetadata  # one span per frame (full attention)
+    window: AttentionMetadata  # one span per window
 
 
 def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> VisionLayout:
     m = cfg.spatial_merge_size
     win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens
-    positions, order, cu_full, cu_window, offset = [], [], [0], [0], 0
+    positions, order, full, window, offset = [], [], [], [], 0
     for t, h, w in grid_thw:
         rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
         cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
         hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
         positions.append(hw.repeat(t, 1))
-        base = cu_full[-1]
-        cu_full.extend(base + h * w * (i + 1) for i in range(t))
+        full.extend([h * w] * t)
         gh, gw = h // m, w // m
         groups = torch.arange(t * gh * gw).view(t, gh, gw)
         for ti in range(t):
@@ -51,9 +52,10 @@ def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> Vi
                 for c in range(0, gw, win):
                     ids = groups[ti, r:r + win, c:c + win].flatten()
                     order.append(ids + offset)
-                    cu_window.append(cu_window[-1] + ids.numel() * m * m)
+                    window.append(ids.numel() * m * m)
         offset += t * gh * gw
-    return VisionLayout(torch.cat(positions), torch.cat(order), cu_full, cu_window)
+    return VisionLayout(torch.cat(positions), torch.cat(order), AttentionMetadata.from_lengths(full),
+                        AttentionMetadata.from_lengths(window))
 
 
 class PatchEmbed(nn.Module):
@@ -81,10 +83,10 @@ class VisionAttention(nn.Module):
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True, tp=tp)
         self.heads, self.head_dim = self.qkv.num_heads, cfg.head_dim
 
-    def forward(self, x, cos, sin, cu_seqlens: list[int]):
+    def forward(self, x, cos, sin, meta: AttentionMetadata):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         q, k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=self.head_dim**-0.5)
+        out = varlen_attention(q, k, v, meta, causal=False, scale=self.head_dim**-0.5)
         return self.proj(out.flatten(1))
 
 
@@ -107,8 +109,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg, tp)
         self.mlp = VisionMLP(cfg, tp)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, meta):
+        x = x + self.attn(self.norm1(x), cos, sin, meta)
         x = x + self.mlp(self.norm2(x))
         if x.dtype == torch.float16:
             x = x.clamp(-FP16_LIMIT, FP16_LIMIT)
@@ -118,13 +120,13 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     """RMSNorm, then each 2x2 group of patches (concatenated) through a GELU MLP into the LM's hidden size."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, tp):
         super().__init__()
         self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size)
         self.mlp = nn.ModuleDict({
-            "0": ColumnParallelLinear(self.merged, self.merged, bias=True, tp=DATA_MODE),
-            "2": ColumnParallelLinear(self.merged, cfg.out_hidden_size, bias=True, tp=DATA_MODE),
+            "0": ColumnParallelLinear(self.merged, self.merged, bias=True, tp=tp),
+            "2": RowParallelLinear(self.merged, cfg.out_hidden_size, bias=True, tp=tp),
         })
 
     def forward(self, x):
@@ -133,13 +135,15 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, tp: tuple[int, int] = DATA_MODE):
+    def __init__(self, cfg: VisionConfig, tp_mode: str = "data"):
+        """tp_mode: "data" or "weights" (split over this rank's tensor-parallel group), as --mm-encoder-tp-mode."""
         super().__init__()
         self.cfg = cfg
+        tp = DATA_MODE if tp_mode == "data" else (tp_rank(), tp_size())
         self.patch_embed = PatchEmbed(cfg)
         self.rotary = VisionRotaryEmbedding(cfg.head_dim)
         self.blocks = nn.ModuleList(VisionBlock(cfg, tp) for _ in range(cfg.depth))
-        self.merger = PatchMerger(cfg)
+        self.merger = PatchMerger(cfg, tp)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """pixel_values: (N, patch_dim) for all items; returns (N / 4, out_hidden) in the items' order."""
@@ -152,8 +156,9 @@ class VisionTransformer(nn.Module):
         cos, sin = self.rotary.cos_sin(layout.hw_positions.to(device))
         cos = cos.view(-1, unit, cos.shape[-1])[order].flatten(0, 1)
         sin = sin.view(-1, unit, sin.shape[-1])[order].flatten(0, 1)
-        full = set(self.cfg.fullatt_block_indexes)
+        full_blocks = set(self.cfg.fullatt_block_indexes)
+        full, window = layout.full.to(device), layout.window.to(device)  # once per forward, not per block
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout.cu_full if i in full else layout.cu_window)
+            x = block(x, cos, sin, full if i in full_blocks else window)
         merged = self.merger(x)
         return merged[torch.argsort(order)]
