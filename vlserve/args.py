@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from vlserve.config import EXECUTOR_BACKENDS, VISION_TP_MODES, EngineConfig
+from vlserve.config import EXECUTOR_BACKENDS, LOAD_FORMATS, VISION_TP_MODES, EngineConfig
 from vlserve.errors import ConfigError, MediaError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
@@ -15,6 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "capability >= 8.0, fp16 below, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="auto: read the checkpoint's safetensors; dummy: random weights made on the device, only "
+                   "config.json and the tokenizer files read (benchmarks)")
     g.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 8192)")
@@ -25,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="GPU: fraction of the card's memory vlserve may use")
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: run every decode step eagerly (saves capture time and a little memory)")
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split each layer")
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="stages that split the layers")
     g.add_argument("--pp-layer-partition", metavar="N,N,...", help="layers per pipeline stage, e.g. 10,10,8 "
@@ -84,8 +89,9 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks_override=args.num_gpu_blocks_override,
         vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
-        distributed_executor_backend=args.distributed_executor_backend,
+        distributed_executor_backend=args.distributed_executor_backend, enforce_eager=args.enforce_eager,
         pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
+        load_format=args.load_format,
     )

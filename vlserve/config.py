@@ -17,6 +17,7 @@ TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
 DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 VISION_TP_MODES = ("data", "weights")  # --mm-encoder-tp-mode
 EXECUTOR_BACKENDS = ("local", "mp", "ray")  # one process | spawned processes on this machine | Ray actors
+LOAD_FORMATS = ("auto", "dummy")  # --load-format: the checkpoint's safetensors | random weights, none read
 
 
 @dataclass(frozen=True)
@@ -281,8 +282,10 @@ class EngineConfig:
     distributed_timeout_s: float = 600.0
     mm_encoder_tp_mode: str = "data"  # vision tower under TP: data (whole per rank, images spread) or weights (split)
     distributed_executor_backend: str | None = None  # local | mp | ray; None: see executor.choose_backend
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs the model eagerly
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (only config + tokenizer read)
 
     def __post_init__(self):
         def positive(flag: str, value, allow_none: bool = False):
@@ -313,8 +316,15 @@ class EngineConfig:
                               "--pipeline-parallel-size above 1 use mp (one machine) or ray (several)")
         if self.mm_encoder_tp_mode not in VISION_TP_MODES:
             raise ConfigError(f"--mm-encoder-tp-mode {self.mm_encoder_tp_mode!r} must be data or weights")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"--load-format {self.load_format!r} must be auto (read the checkpoint's safetensors) "
+                              "or dummy (random weights; only config.json and the tokenizer files are read)")
         if self.block_size <= 0 or self.block_size % 16:
             raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
+
+    def model_len(self, model_cfg: ModelConfig) -> int:
+        """Prompt plus output tokens per sequence: --max-model-len, else what the model was trained for."""
+        return self.max_model_len or model_cfg.max_position_embeddings
 
     def batched_tokens(self, max_model_len: int) -> int:
         """--max-num-batched-tokens, or its default: 8192 per step; a whole prompt when prefill is not chunked."""

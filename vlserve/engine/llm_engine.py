@@ -31,7 +31,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.device = config.resolved_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = config.model_len(self.model_config)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.batched_tokens(self.max_model_len),

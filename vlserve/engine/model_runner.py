@@ -1,6 +1,7 @@
 """Runs one scheduled step on the model: builds flat inputs from block tables, encodes media not seen before,
 runs the language model over the paged KV cache and returns the logits of the sequences that sample."""
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -9,12 +10,15 @@ import torch.distributed as dist
 
 from vlserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from vlserve.distributed.parallel_state import pipeline_stage, tp_size
+from vlserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
 from vlserve.media.item import MediaItem
 from vlserve.media.options import PATCH_FACTOR, MediaOptions
 from vlserve.model.layers.attention import Attention, AttentionMetadata
 from vlserve.model.loader import load_model
+
+log = logging.getLogger("vlserve.engine")
 
 
 class VisionCache:
@@ -48,7 +52,7 @@ class StepInput:
     """Everything a rank needs to run one step; rank 0 builds it, other tensor-parallel ranks receive it."""
 
     input_ids: torch.Tensor
-    positions: torch.Tensor  # (3, T)
+    positions: torch.Tensor  # (3, T); (T,) in a decode step (see is_decode)
     meta: AttentionMetadata
     media_embeds: torch.Tensor | None
     media_mask: torch.Tensor | None
@@ -60,6 +64,12 @@ class StepInput:
 
         return StepInput(move(self.input_ids), move(self.positions), self.meta.to(device), move(self.media_embeds),
                          move(self.media_mask), self.sample_rows)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence and no media: text tokens' three M-RoPE rows are equal, so `prepare` gives
+        decode steps 1-D positions (`pos + rope_delta`), the form CUDA graphs capture."""
+        return self.positions.dim() == 1
 
 
 @dataclass
@@ -79,8 +89,10 @@ class ModelRunner:
                  progress: bool = True):
         self.cfg, self.device, self.dtype = model_cfg, device, dtype
         self.block_size = engine_cfg.block_size
+        self.engine_cfg, self.max_model_len = engine_cfg, engine_cfg.model_len(model_cfg)
+        self.graphs: DecodeGraphs | None = None
         self.model = load_model(model_cfg, dtype, device, progress=progress,
-                                vision_tp_mode=engine_cfg.mm_encoder_tp_mode)
+                                vision_tp_mode=engine_cfg.mm_encoder_tp_mode, load_format=engine_cfg.load_format)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.vision_cache = VisionCache(engine_cfg.vision_cache_mib << 20)
         self.encode = self.model.encode_media  # a tensor-parallel runner spreads images over its ranks instead
@@ -109,9 +121,27 @@ class ModelRunner:
         """A one-process runner holds nothing beyond its tensors (tensor-parallel runners stop their workers)."""
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """With CUDA graphs, one block more than the block manager hands out: the padding rows' KV goes there."""
+        use_graphs = self.uses_graphs()
         for layer in self.attention_layers:
-            layer.kv_cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
-                                         dtype=self.dtype, device=self.device)
+            layer.kv_cache = torch.zeros(2, num_blocks + use_graphs, self.block_size, layer.num_kv_heads,
+                                         layer.head_dim, dtype=self.dtype, device=self.device)
+        if use_graphs:
+            sizes = capture_sizes(self.engine_cfg.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, sizes, self.max_model_len, self.block_size, num_blocks,
+                                       self.device)
+            self.graphs.capture()
+            log.info("CUDA graphs captured for decode batch sizes %s (--enforce-eager turns them off)", sizes)
+
+    def uses_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.engine_cfg.enforce_eager:
+            return False
+        if tp_size() > 1 or pipeline_stage().num_stages > 1:
+            # Capturing would have to take in the NCCL collectives and the stage hand-offs too: not done yet.
+            log.info("CUDA graphs are off with tensor or pipeline parallel (one GPU only for now); decode runs "
+                     "eagerly")
+            return False
+        return True
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
@@ -137,12 +167,16 @@ class ModelRunner:
         asynchronously, then global rank 0 posts the receive of the step's logits (before it takes the next step,
         so the last stage never waits on it; after the send, because NCCL runs one pair's transfers in the order
         they were posted). The pipeline can then take the next step while this one is in flight."""
-        step, stage = step.to(self.device), pipeline_stage()
+        stage = pipeline_stage()
         self.step_tag += 1  # matches each step's messages between stages on Gloo (NCCL keeps their order)
         rows = len(step.sample_rows)
-        intermediate = None if stage.is_first else self.receive_intermediate(len(step.input_ids), stage)
-        out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask,
-                         intermediate)
+        if self.graphs is not None and step.is_decode and self.graphs.covers(len(step.input_ids)):
+            out = self.graphs.replay(step.input_ids, step.positions, step.meta)  # one stage: graphs need it
+        else:
+            step = step.to(self.device)
+            intermediate = None if stage.is_first else self.receive_intermediate(len(step.input_ids), stage)
+            out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask,
+                             intermediate)
         if not stage.is_last:
             for send, _ in self.handoff:
                 send.wait()  # the previous step's (long received: stages take steps in order)
@@ -201,7 +235,9 @@ class ModelRunner:
         # here, and each moves it to its own device.
         meta = AttentionMetadata.from_lengths([n for _, n in scheduled], context_lens, tables, slots)
         embeds = torch.cat(media_rows) if media_rows else None
-        step = StepInput(torch.tensor(ids), torch.cat(positions, dim=1), meta, embeds,
+        positions = torch.cat(positions, dim=1)
+        decode = not media_rows and all(n == 1 for _, n in scheduled)
+        step = StepInput(torch.tensor(ids), positions[0] if decode else positions, meta, embeds,
                          torch.tensor(media_mask) if media_rows else None, sample_rows)
         return step, sample_seqs
 

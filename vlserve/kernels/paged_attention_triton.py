@@ -44,12 +44,15 @@ def _paged_offsets(block_tables_ptr, seq, stride_bt, pos, valid, stride_block, s
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
-                   qk_scale, split_len, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+                   qk_scale, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
                    stride_ot, stride_oh, stride_os, G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # Each sequence spreads its own context over the splits: the split count is fixed by the launch (a captured
+    # CUDA graph keeps it), while context lengths change from step to step.
+    split_len = tl.cdiv(tl.cdiv(context_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, context_len)
     g = tl.arange(0, BLOCK_G)
@@ -189,7 +192,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, context_lens: torch.Te
                  max_context_len: int, scale: float, num_splits: int | None = None) -> torch.Tensor:
     """q: (B, H, d), one new token per sequence (its key/value already stored); kv_cache: (2, num_blocks,
     block_size, KVH, d); context_lens: (B,) int32; block_tables: (B, max_blocks) int32. Returns (B, H, d).
-    `num_splits` defaults to what fills the card."""
+    `num_splits` defaults to what fills the card at `max_context_len`, which only picks that count (any upper
+    bound works: a CUDA graph passes max_model_len), so nothing here reads the device."""
     batch, heads, head_dim = q.shape
     kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     out = torch.empty_like(q)
@@ -198,8 +202,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, context_lens: torch.Te
     _, block_n = _tiles(q.dtype)
     sms, stages = _device_facts(q.device.index)
     splits = num_splits or _num_splits(batch, kv_heads, max_context_len, block_n, sms)
-    split_len = triton.cdiv(triton.cdiv(max_context_len, splits), block_n) * block_n
-    splits = triton.cdiv(max_context_len, split_len)
     group = heads // kv_heads
     if splits > 1:
         target = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -209,7 +211,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, context_lens: torch.Te
         target, lse, strides = out, out, (out.stride(0), out.stride(1), 0)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, target, lse, scale * LOG2E, split_len, q.stride(0),
+        q, k_cache, v_cache, block_tables, context_lens, target, lse, scale * LOG2E, q.stride(0),
         q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), *strides,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,

@@ -31,8 +31,6 @@ def add_serve_args(sub) -> None:
                    help="requests that may wait beyond --max-num-seqs before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="run the model eagerly (today's only mode; CUDA graphs come with the GPU fast path)")
     p.add_argument("--disable-ui", action="store_true", help="do not mount the chat page at /ui")
     p.add_argument("--uvicorn-log-level", default="info")
     add_engine_args(p)
