@@ -1,10 +1,12 @@
-"""Build the model and fill it from Hugging Face safetensors (one file or sharded with an index).
+"""Build the model and fill it from Hugging Face safetensors (one file or sharded with an index), or, with
+--load-format dummy, with seeded random values made on the device (benchmarks without the weights on disk).
 
 Files are memory-mapped and each parameter's loader reads only the rows/columns its rank keeps. Names are checked
 against the model before any tensor data is read.
 """
 
 import json
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,11 +34,30 @@ def default_dtype(dtype: torch.dtype):
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, progress: bool = True,
-               vision_tp_mode: str = "data") -> Qwen2_5_VLForCausalLM:
+               vision_tp_mode: str = "data", load_format: str = "auto") -> Qwen2_5_VLForCausalLM:
+    """`load_format` (--load-format, checked by EngineConfig): auto reads the checkpoint, dummy fills random values."""
     with torch.device(device), default_dtype(dtype):
         model = Qwen2_5_VLForCausalLM(cfg, vision_tp_mode)
-    load_weights(model, cfg.path, progress=progress)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, cfg.path, progress=progress)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module) -> None:
+    """Each parameter in place, scaled as make-tiny's weights: norms near 1, biases small, matrices normal with std
+    1/sqrt(fan_in), so activations stay near unit size (finite in fp16/bf16) through every layer."""
+    for name, param in model.named_parameters():
+        # seeded by name: the same values on every run, and on every rank or stage that holds the tensor
+        gen = torch.Generator(param.device).manual_seed(zlib.crc32(name.encode()))
+        if param.dim() == 1 and "bias" not in name:  # RMS/LayerNorm weights
+            param.normal_(1.0, 0.1, generator=gen)
+        elif param.dim() == 1:
+            param.normal_(0.0, 0.1, generator=gen)
+        else:
+            param.normal_(0.0, param[0].numel() ** -0.5, generator=gen)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

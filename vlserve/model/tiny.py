@@ -63,15 +63,21 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(spec)
     cfg = parse_config(raw, str(out), out / "config.json")
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    write_model_files(out, raw, multimodal=not spec.text_only)
     _write_weights(out, cfg, spec)
+    return out
+
+
+def write_model_files(out: Path, raw: dict, multimodal: bool = True) -> None:
+    """Everything of a checkpoint folder but the weights: config.json from `raw`, the real Qwen2.5 tokenizer,
+    chat template, preprocessor and generation configs (all that --load-format dummy reads)."""
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
     _write_tokenizer(out)
-    if not spec.text_only:
+    if multimodal:
         (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    return out
 
 
 def demo_checkpoint() -> Path:
