@@ -1,6 +1,7 @@
 """Each Triton attention kernel equals its torch reference (computed in float64 on the CPU) across KV block
 sizes, head dims 64/80/128, GQA ratios 1/4/7, ragged lengths and fp16/bf16/fp32; plus the metadata that feeds
-them, and that the CPU path never imports Triton."""
+them; the RMSNorm (+residual) and SiLU-and-mul kernels equal their layers' CPU code; and the CPU path never
+imports Triton."""
 
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import torch
 
 from vlserve.kernels.kv_store import store_kv_ref
 from vlserve.kernels.paged_attention import paged_attention_ref, varlen_attention_ref
+from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import AttentionMetadata, paged_attention, varlen_attention
+from vlserve.model.layers.norm import RMSNorm
 
 DEVICE = "cuda"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -174,17 +177,93 @@ def test_metadata_from_lengths():
 
 CPU_STEP = """
 import sys, torch
+from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import AttentionMetadata, paged_attention, varlen_attention
+from vlserve.model.layers.norm import RMSNorm
 meta = AttentionMetadata.from_lengths([2, 1], context_lens=[2, 5], block_tables=[[0], [1]], slots=[0, 1, 20])
 q, kv = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
 cache = torch.zeros(2, 2, 16, 2, 16)
 paged_attention(q, kv, kv, cache, meta, 0.25)
 varlen_attention(q, kv, kv, meta, True, 0.25)
+RMSNorm(16)(q[:, 0], kv[:, 0])
+SiluAndMul()(q[:, 0])
 print(sorted(m for m in sys.modules if m.startswith("vlserve") and m.endswith("_triton")))
 """
 
 
 def test_cpu_path_never_imports_triton():
-    """CI has no Triton: the CPU attention path must work without importing it."""
+    """CI has no Triton: the CPU attention, norm and activation paths must work without importing it."""
     out = subprocess.run([sys.executable, "-c", CPU_STEP], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+ROWS, WIDTHS = [1, 7, 257], [64, 1280, 3584, 8192]
+# elementwise (rtol, atol): kernel and CPU reference may round an element to neighbouring values (about 2 ulps)
+CLOSE = {F32: (1e-5, 1e-5), F16: (2e-3, 1e-3), B16: (2e-2, 1e-2)}
+
+
+def norm_case(rows: int, hidden: int, dtype: torch.dtype):
+    """x and residual with row scales from 1e-4 to 10 (the small rows put eps to work), and a random weight."""
+    gen = torch.Generator().manual_seed(rows * hidden)
+    scale = 10 ** torch.empty(rows, 1).uniform_(-4, 1, generator=gen)
+    x, residual = ((torch.randn(rows, hidden, generator=gen) * scale).to(dtype) for _ in range(2))
+    norm = RMSNorm(hidden).to(dtype)
+    norm.weight.copy_(torch.randn(hidden, generator=gen))
+    return x, residual, norm
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor):
+    rtol, atol = CLOSE[expected.dtype]
+    torch.testing.assert_close(got.cpu(), expected, rtol=rtol, atol=atol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [F16, B16, F32])
+@pytest.mark.parametrize("hidden", WIDTHS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_equals_reference(rows, hidden, dtype):
+    x, _, norm = norm_case(rows, hidden, dtype)
+    expected = norm(x)
+    assert_close(norm.to(DEVICE)(x.to(DEVICE)), expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [F16, B16, F32])
+@pytest.mark.parametrize("hidden", WIDTHS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_fused_add_rms_norm_equals_reference(rows, hidden, dtype):
+    """The sum lands in the caller's residual tensor, rounded exactly as the reference rounds it; x stays."""
+    x, residual, norm = norm_case(rows, hidden, dtype)
+    expected, expected_residual = norm(x, residual)
+    x_d, residual_d = x.to(DEVICE), residual.to(DEVICE)
+    got, got_residual = norm.to(DEVICE)(x_d, residual_d)
+    assert got_residual is residual_d
+    assert torch.equal(residual_d.cpu(), expected_residual)
+    assert torch.equal(x_d.cpu(), x)
+    assert_close(got, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [F16, B16])
+def test_rms_norm_promotes_like_reference(dtype):
+    """An fp32 weight over fp16/bf16 activations gives fp32 out, as torch's promotion does; 3-D input."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 1280, generator=gen).to(dtype)
+    norm = RMSNorm(1280)
+    norm.weight.copy_(torch.randn(1280, generator=gen))
+    expected = norm(x)
+    got = norm.to(DEVICE)(x.to(DEVICE))
+    assert got.dtype == torch.float32
+    rtol, atol = CLOSE[dtype]
+    torch.testing.assert_close(got.cpu(), expected, rtol=rtol, atol=atol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [F16, B16, F32])
+@pytest.mark.parametrize("width", WIDTHS + [3420, 18944])  # the vision and 7B MLP widths too
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_and_mul_equals_reference(rows, width, dtype):
+    gen = torch.Generator().manual_seed(rows + width)
+    x = (torch.randn(rows, 2 * width, generator=gen) * 4).to(dtype)  # gates reach both tails of SiLU
+    expected = SiluAndMul()(x)
+    assert_close(SiluAndMul()(x.to(DEVICE)), expected)

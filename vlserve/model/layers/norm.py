@@ -14,7 +14,13 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Returns norm(x) or, with a residual, (norm(x + residual), x + residual)."""
+        """Returns norm(x) or, with a residual, (norm(x + residual), x + residual). On CUDA one Triton kernel does
+        it all and writes x + residual into `residual` itself: callers hand their residual over."""
+        if x.is_cuda:
+            from vlserve.kernels.rms_norm_triton import fused_add_rms_norm, rms_norm
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps), residual
         if residual is not None:
             x = x + residual
             residual = x
