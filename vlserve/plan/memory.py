@@ -155,23 +155,25 @@ def image_patches(max_pixels: int, patch_size: int = 14, merge: int = 2) -> int:
     return (side // patch_size) ** 2
 
 
-def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int) -> int:
-    """Peak bytes above the weights during the engine's profiling step on one rank of `stage`."""
+def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int,
+                     fused: bool = False) -> int:
+    """Peak bytes above the weights during the engine's profiling step on one rank of `stage`. `fused`: on a GPU,
+    where RMSNorm and SiLU-and-mul are single Triton kernels (no fp32 copies, no SiLU(gate) temporary)."""
     t, h, b = step.tokens, cfg.hidden_size, dtype_bytes
     hidden = t * h * b
     base = 2 * t * 8  # token ids and positions (int64)
     if not stage.is_first:
         base += 2 * hidden  # hidden states and residual received from the previous stage
-    peaks = [language_peak(cfg, tp, stage, t, b)]
+    peaks = [language_peak(cfg, tp, stage, t, b, fused)]
     final = hidden if stage.is_last else 2 * hidden  # the stage's output, alive until the profile ends
     if stage.is_last:
         peaks.append(final + logits_peak(cfg, tp, min(step.logits_rows, t), b))
     if stage.is_first and cfg.vision is not None and step.image_patches:
-        peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b))
+        peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b, fused))
     return base + max(peaks)
 
 
-def language_peak(cfg: ModelConfig, tp: int, stage: Stage, t: int, b: int) -> int:
+def language_peak(cfg: ModelConfig, tp: int, stage: Stage, t: int, b: int, fused: bool = False) -> int:
     """A decoder layer in the middle of the stage. Alive: the stage's input (the embedding, or the received pair),
     the previous layer's output and residual (held by the layer loop), this layer's residual and normed input; then
     the largest of the MLP, attention and RMSNorm temporaries."""
@@ -184,8 +186,9 @@ def language_peak(cfg: ModelConfig, tp: int, stage: Stage, t: int, b: int) -> in
     # qkv output, then: q rotated (q*cos, rotate_half, *sin: three q-sized temporaries) or, in the varlen kernel
     # (flash, or Triton before sm_80; memory linear in T), the rotated q and k and the output
     attention = qkv + rotary + 3 * q + k
-    mlp = 4 * t * (cfg.intermediate_size // tp) * b  # gate|up, SiLU(gate), SiLU(gate) * up
-    norm = (2 if b < 4 else 1) * t * h * 4 + hidden  # RMSNorm's fp32 copies, and the residual sum
+    mlp = (3 if fused else 4) * t * (cfg.intermediate_size // tp) * b  # gate|up, [SiLU(gate),] SiLU(gate) * up
+    # RMSNorm's output (the fused kernel adds into the residual in place), or its fp32 copies and the residual sum
+    norm = hidden if fused else (2 if b < 4 else 1) * t * h * 4 + hidden
     return resident + max(attention, mlp, norm)
 
 
@@ -197,7 +200,7 @@ def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:
     return max(during_gather, (gathered or local) + rows * cfg.vocab_size * 4)
 
 
-def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int) -> int:
+def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int, fused: bool = False) -> int:
     """The tower on the largest image: pixels (fp32, as the preprocessor made them) and the rotary tables stay
     alive; in a block, its input and normed input plus the worst of: the 2-D rotary (computed in fp32), attention,
     the MLP."""
@@ -210,7 +213,7 @@ def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int) ->
     resident = n * v.patch_dim * 4 + 2 * n * v.head_dim * 4
     rotary = 2 * x + 3 * q + q + 4 * q32  # input, normed, qkv, rotated q; then k's fp32 temporaries
     attention = 2 * x + 3 * q + 4 * q  # input, normed, qkv, rotated q and k, output buffer, SDPA output
-    mlp = 3 * x + 4 * n * mlp_width * b  # input, after attention, normed; gate|up, SiLU, product
+    mlp = 3 * x + (3 if fused else 4) * n * mlp_width * b  # input, after attention, normed; gate|up, [SiLU,] product
     embed = n * v.patch_dim * b + 2 * x  # pixels cast to the model dtype; patch embedding and its reordering
     return resident + max(rotary, attention, mlp, embed)
 

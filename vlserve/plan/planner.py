@@ -211,8 +211,9 @@ class Planner:
         for stage, stage_cards in zip(stages(cfg, s.pipeline_parallel_size, self.partition(s.pipeline_parallel_size)),
                                       cards):
             weights = self.weights.rank_bytes(tp, stage, split, b)
-            sizes = (weights, activation_bytes(cfg, tp, stage, step, split, b), reserve_bytes(on_gpu, s.world, weights),
-                     kv_bytes_per_block(cfg, tp, len(stage.layers), e.block_size, b))
+            sizes = (weights, activation_bytes(cfg, tp, stage, step, split, b, fused=on_gpu),
+                     reserve_bytes(on_gpu, s.world, weights), kv_bytes_per_block(cfg, tp, len(stage.layers),
+                                                                                 e.block_size, b))
             if on_gpu:
                 c.memory += [StageMemory(stage.index, card.name, card.memory_bytes, *sizes)
                              for card in dict.fromkeys(stage_cards)]
