@@ -2,6 +2,7 @@
 through the real command line; exit code 0 when feasible, 2 when not; and `serve` refusing before it loads."""
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from vlserve import LLM
 from vlserve.cli import main
+from vlserve.plan.inventory import driver_cards
 from vlserve.plan.layouts import layout_config
 
 LAYOUTS = {
@@ -250,3 +252,36 @@ def test_the_printed_command_reproduces_the_plan(capsys, layouts):
     code, again = plan(capsys, *command[2:], "--cluster", "2x8xRTX2080Ti")
     assert code == 0 and again["kv_cache_tokens"] == first["kv_cache_tokens"]
     assert again["command"] == first["command"]
+
+
+SMI_OUTPUT = """0, GPU-aaaa1111, NVIDIA H100 80GB HBM3, 81559, 9.0
+1, GPU-bbbb2222, NVIDIA GeForce RTX 2080 Ti, 11264, 7.5
+"""
+
+
+@pytest.mark.parametrize("visible, names", [
+    (None, ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 2080 Ti"]),
+    ("1", ["NVIDIA GeForce RTX 2080 Ti"]),
+    ("GPU-bbbb,0", ["NVIDIA GeForce RTX 2080 Ti", "NVIDIA H100 80GB HBM3"]),
+    ("0,7,1", ["NVIDIA H100 80GB HBM3"]),  # as CUDA does: the list stops at the first entry naming no card
+    ("", []),
+])
+def test_the_driver_lists_the_cards_without_starting_cuda(tmp_path, monkeypatch, visible, names):
+    """The live inventory reads nvidia-smi (a fraction of a second) rather than starting CUDA through torch."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\ncat <<'END'\n{SMI_OUTPUT}END\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cards = driver_cards()
+    assert [c.name for c in cards] == names
+    if names[:1] == ["NVIDIA H100 80GB HBM3"]:
+        assert cards[0].memory_bytes == 81559 << 20 and cards[0].capability == (9, 0) and cards[0].bf16
+
+
+def test_no_driver_tool_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi anywhere
+    assert driver_cards() is None
