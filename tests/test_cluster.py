@@ -102,3 +102,12 @@ def test_no_cluster_says_how_to_start_one(monkeypatch):
 def test_gpus_on_a_machine_without_any():
     with pytest.raises(ConfigError, match="--gpus 0: torch sees no GPU on this machine; leave --gpus out"):
         cluster.join("127.0.0.1:6379", cluster.StartOptions(gpus="0"))
+
+
+def test_unreachable_head_fails_at_once(monkeypatch):
+    from vlserve.distributed.executor import free_port
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nobody listens there
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray head at 127\.0\.0\.1:\d+ \(RAY_ADDRESS\): "
+                                           r"Connection refused; is `vlserve cluster head` running there"):
+        cluster.connect()

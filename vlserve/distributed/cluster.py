@@ -133,6 +133,8 @@ def connect() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "auto")
+    if address != "auto":
+        check_reachable(address)
     os.environ.update(AUTH_MODE)  # as the nodes were started
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -142,6 +144,16 @@ def connect() -> None:
     except ray.exceptions.AuthenticationError as e:
         raise ClusterError(f"the Ray cluster at {address} refused us ({e}); start it with `vlserve cluster head`, "
                            "or set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN) on every node") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5) -> None:
+    """Ray retries an unreachable head for minutes; a plain connection says at once what is wrong."""
+    host, port = parse_head_address(address.removeprefix("ray://"))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray head at {address} (RAY_ADDRESS): {e.strerror or e}; is `vlserve "
+                           "cluster head` running there, and is the port open between the machines?") from None
 
 
 def alive_nodes() -> list[dict]:
