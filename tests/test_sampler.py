@@ -171,3 +171,17 @@ def test_logprobs_are_raw_log_softmax():
         for token, value in lp.top:
             assert abs(value - ref[row, token].item()) < 1e-6
         assert [t for t, _ in lp.top] == ref[row].topk(n).indices.tolist()
+
+
+def test_penalties_before_any_output_and_with_ragged_rows():
+    """The first step has no outputs yet; rows of different prompt and output lengths pad without counting."""
+    fresh = Sequence("a", [5, 5, 9], SamplingParams(repetition_penalty=2.0))
+    later = Sequence("b", [1], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5))
+    later.output_token_ids = [3, 3]
+    logits = torch.ones(2, 12)
+    apply_penalties(logits[:1], [fresh])  # no outputs at all
+    assert logits[0].tolist() == [1, 1, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1, 1]
+    logits = torch.ones(2, 12)
+    apply_penalties(logits, [fresh, later])
+    assert logits[0, 5] == 0.5 and logits[0, 0] == 1
+    assert logits[1, 1] == 0.5 and logits[1, 3] == 0.5 - 2 * 0.5 and logits[1, 5] == 1

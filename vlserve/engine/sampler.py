@@ -86,9 +86,14 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     idx = torch.tensor(rows, device=dev)
     sub = logits[idx]
     params = [seqs[i].params for i in rows]
-    counts = _token_counts([seqs[i].output_token_ids for i in rows], vocab, dev)
+    outputs = [seqs[i].output_token_ids for i in rows]
+    width = max(map(len, outputs))
+    padded = torch.tensor([o + [vocab] * (width - len(o)) for o in outputs], dtype=torch.long)
+    counts = _token_counts(padded.to(dev), vocab)  # one host-to-device copy for the batch
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = (_token_counts([seqs[i].prompt_token_ids for i in rows], vocab, dev) > 0) | (counts > 0)
+        prompts = torch.nn.utils.rnn.pad_sequence([_prompt_ids(seqs[i], dev) for i in rows], batch_first=True,
+                                                  padding_value=vocab)
+        seen = (_token_counts(prompts, vocab) > 0) | (counts > 0)
         rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
@@ -100,11 +105,17 @@ def _penalised(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def _token_counts(token_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """(rows, vocab) float counts; padding goes to an extra column that is dropped."""
-    width = max(map(len, token_lists), default=0)
-    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long, device=device)
-    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+def _prompt_ids(seq: Sequence, device) -> torch.Tensor:
+    """The prompt's ids on the logits' device, made once per sequence: rebuilding them from the Python list every
+    step costs milliseconds of host time for a batch of long prompts."""
+    if seq.prompt_ids_tensor is None or seq.prompt_ids_tensor.device != torch.device(device):
+        seq.prompt_ids_tensor = torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device)
+    return seq.prompt_ids_tensor
+
+
+def _token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) float counts of each row of `ids` (rows, width), padded with `vocab`, a column then dropped."""
+    counts = torch.zeros(ids.shape[0], vocab + 1, device=ids.device)
     return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
 
 

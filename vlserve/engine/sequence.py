@@ -59,6 +59,7 @@ class Sequence:
     finished_time: float | None = None
     num_preemptions: int = 0
     in_flight: bool = False  # in a step whose result has not come back (pipeline parallel keeps several going)
+    prompt_ids_tensor: torch.Tensor | None = None  # the sampler's copy of the prompt ids on the logits' device
 
     @property
     def num_prompt_tokens(self) -> int:
