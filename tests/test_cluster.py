@@ -2,6 +2,8 @@
 software and model files are compared (the Ray cluster itself is exercised in test_ray_cluster.py)."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,11 @@ def test_unreachable_head_fails_at_once(monkeypatch):
     with pytest.raises(ClusterError, match=r"cannot reach the Ray head at 127\.0\.0\.1:\d+ \(RAY_ADDRESS\): "
                                            r"Connection refused; is `vlserve cluster head` running there"):
         cluster.connect()
+
+
+def test_the_whole_command_line_parses_without_torch():
+    """`vlserve --help` and `vlserve cluster ...` should not wait for torch, uvicorn or the engine to import."""
+    code = ("import sys; from vlserve.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'uvicorn', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"

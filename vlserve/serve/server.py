@@ -6,13 +6,16 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-import uvicorn
+from vlserve.args import add_engine_args
 
-from vlserve.args import add_engine_args, engine_config
-from vlserve.engine.async_engine import AsyncEngine
-from vlserve.model.tiny import demo_checkpoint
-from vlserve.serve.api import ServerState, build_app
+if TYPE_CHECKING:
+    import uvicorn
+
+    from vlserve.serve.api import ServerState
+
+# The server's own imports (torch, uvicorn, the engine) wait until it runs: `vlserve --help` should not pay them.
 
 log = logging.getLogger("vlserve.serve")
 ENGINE_WATCH_S = 0.5
@@ -38,6 +41,13 @@ def add_serve_args(sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from vlserve.args import engine_config
+    from vlserve.engine.async_engine import AsyncEngine
+    from vlserve.model.tiny import demo_checkpoint
+    from vlserve.serve.api import ServerState, build_app
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model = args.model_flag or args.model
     if model is None:
@@ -65,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> None:
     sys.exit(code)
 
 
-async def serve_until_done(server: uvicorn.Server, state: ServerState) -> int:
+async def serve_until_done(server: "uvicorn.Server", state: "ServerState") -> int:
     """Runs uvicorn; if the engine dies, stops it so a supervisor restarts the process (exit code 1)."""
     async def watch_engine():
         while not server.should_exit:
