@@ -133,3 +133,29 @@ def test_mp_executor_with_one_rank_matches_local(tiny_ckpt, device):
         assert tokens(llm) == expected
     finally:
         llm.engine.shutdown()
+
+
+def test_abort_while_in_flight_frees_everything(tiny_ckpt):
+    """Pipeline parallel: a request aborted while its batch is still in the pipeline is dropped when the batch
+    comes back; the others finish and no KV block leaks."""
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, num_gpu_blocks_override=64, pipeline_parallel_size=2)
+    engine = llm.engine
+    try:
+        for name in ("a", "b", "c"):
+            engine.add_request(llm.prepare(f"story {name}")[0], SamplingParams(max_tokens=6, ignore_eos=True),
+                               request_id=name)
+        engine.step()  # the first batch goes in flight
+        assert engine.in_flight and any(s.in_flight for s in engine.scheduler.running)
+        aborted = next(s.request_id for s in engine.scheduler.running if s.in_flight)
+        engine.abort(aborted)
+        finished = {}
+        for _ in range(100):
+            for out in engine.step():
+                finished[out.request_id] = out
+            if not engine.has_unfinished():
+                break
+        assert set(finished) == {"a", "b", "c"} - {aborted}
+        assert all(o.finished for o in finished.values())
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        engine.shutdown()
