@@ -3,9 +3,7 @@
 
 import base64
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
