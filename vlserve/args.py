@@ -61,13 +61,14 @@ def json_flag(flag: str, value: str | None) -> dict:
     return parsed
 
 
-def int_list(flag: str, value: str | None) -> tuple[int, ...] | None:
+def int_list(flag: str, value: str | None, what: str, example: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integers from a flag (None when the flag is not given)."""
     if value is None:
         return None
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. 10,10,8") from None
+        raise ConfigError(f"{flag} {value!r} must be comma-separated {what}, e.g. {example}") from None
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -90,7 +91,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
         distributed_executor_backend=args.distributed_executor_backend, enforce_eager=args.enforce_eager,
-        pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition),
+        pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition, "layer counts", "10,10,8"),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
         load_format=args.load_format,

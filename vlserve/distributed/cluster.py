@@ -19,9 +19,11 @@ from typing import Any
 import vlserve
 from vlserve.distributed.network import Interface, interface_env, list_interfaces, parse_head_address, \
     route_interface
+from vlserve.args import int_list
 from vlserve.errors import ClusterError, ConfigError
 
 HASHED_FILE_BYTES = 64 * 2**20  # files up to this size are hashed; larger ones (weights) compared by size
+RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")  # Ray's `ray` command, from this Python's environment
 NO_DASHBOARD = "--include-dashboard=false"  # the head's dashboard needs packages we do not install
 # Ray >= 2.5x turns token auth on for a head that finds ~/.ray/auth_token (any local ray.init() writes one), but
 # joining nodes do not send it: one explicit mode for every node. RAY_AUTH_MODE=token set by the operator wins.
@@ -63,7 +65,7 @@ def join(head: str, options: StartOptions) -> Interface:
 
 def stop() -> None:
     """Stops every Ray process of this machine."""
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], check=True)
+    subprocess.run([*RAY_CLI, "stop"], check=True)
 
 
 def _ray_start(args: list[str], nic: Interface, options: StartOptions) -> None:
@@ -78,17 +80,14 @@ def _ray_start(args: list[str], nic: Interface, options: StartOptions) -> None:
         args.append(f"--temp-dir={options.temp_dir}")
     if options.block:
         args.append("--block")
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--disable-usage-stats"]
+    cmd = [*RAY_CLI, "start", *args, "--disable-usage-stats"]
     if subprocess.run(cmd, env=env, check=False).returncode != 0:
         raise ClusterError(f"`ray start` failed ({' '.join(args)}); see its output above. If Ray is already "
                            "running on this machine, stop it first: vlserve cluster stop")
 
 
-def _parse_gpus(text: str) -> list[int]:
-    try:
-        gpus = [int(g) for g in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--gpus {text!r} must be comma-separated card indexes, e.g. 0,3,4") from None
+def _parse_gpus(text: str) -> tuple[int, ...]:
+    gpus = int_list("--gpus", text, "card indexes", "0,3,4")
     if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
         raise ConfigError(f"--gpus {text!r} must list distinct card indexes from 0, e.g. 0,3,4")
     import torch  # only here: the other cluster commands start fast

@@ -3,8 +3,8 @@ rank: spawned on this machine (`mp`) or Ray actors across machines (`ray`, in ra
 
 Global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings)
 and broadcasts it; every rank runs its part (its weight shard of its stage's layers), so the collectives inside
-the model line up, and stages hand hidden states on. Processes are always started with `spawn` (never fork
-after CUDA is initialised). Stages run one after another for a step (no micro-batches in flight yet).
+the model line up, and stages hand hidden states on (the engine keeps up to one step per stage in flight).
+Processes are always started with `spawn` (never fork after CUDA is initialised).
 """
 
 import atexit
@@ -46,13 +46,9 @@ def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.
 def choose_backend(engine_cfg: EngineConfig, device: torch.device) -> str:
     """--distributed-executor-backend, else: one rank runs here; ranks beyond this machine's GPUs need Ray."""
     world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
-    if engine_cfg.distributed_executor_backend:
-        backend = engine_cfg.distributed_executor_backend
-    elif world == 1:
-        backend = "local"
-    else:
-        backend = "ray" if device.type == "cuda" and world > torch.cuda.device_count() else "mp"
-    if backend == "mp" and device.type == "cuda" and world > torch.cuda.device_count():
+    fits_here = device.type != "cuda" or world <= torch.cuda.device_count()
+    backend = engine_cfg.distributed_executor_backend or ("local" if world == 1 else "mp" if fits_here else "ray")
+    if backend == "mp" and not fits_here:
         raise ConfigError(
             f"--tensor-parallel-size x --pipeline-parallel-size = {world} ranks, one GPU each, but this machine has "
             f"{torch.cuda.device_count()}; lower the sizes or start a cluster (`vlserve cluster head`/`join`) and "
@@ -240,11 +236,12 @@ class MultiprocRunner:
         if self.closed:
             return
         self.closed = True
-        try:
-            if self.broken or not all(w.is_alive() for w in self.workers):
-                raise EngineDeadError("the workers cannot all be told")
-            dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
-        except Exception:  # the group is broken: stop the survivors rather than wait on a collective
+        told = False
+        if not self.broken and all(w.is_alive() for w in self.workers):
+            with contextlib.suppress(Exception):  # the group may break under us: then stop them as below
+                dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
+                told = True
+        if not told:  # a broken group: stop the survivors rather than wait on a collective
             for worker in self.workers:
                 worker.kill()
         for worker in self.workers:

@@ -17,9 +17,9 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from vlserve.config import EngineConfig, ModelConfig
-from vlserve.distributed.cluster import check_nodes, connect
+from vlserve.distributed.cluster import alive_nodes, check_nodes, connect
 from vlserve.distributed.executor import MultiprocRunner, worker_main
-from vlserve.distributed.network import interface_env, parse_head_address, route_interface
+from vlserve.distributed.network import Interface, interface_env, parse_head_address, route_interface
 from vlserve.errors import ClusterError
 
 log = logging.getLogger("vlserve.distributed")
@@ -38,10 +38,12 @@ class RankActor:
         worker_main(rank, init_method, model_cfg, engine_cfg, device, dtype)
 
 
-def bind_interface_to(host: str) -> None:
-    """Gloo/NCCL on this node use the interface that routes to `host`, unless the operator chose one."""
-    for key, value in interface_env(route_interface(host)).items():
+def bind_interface_to(host: str) -> Interface:
+    """Gloo/NCCL on this node use the interface that routes to `host` (returned), unless the operator chose one."""
+    nic = route_interface(host)
+    for key, value in interface_env(nic).items():
         os.environ.setdefault(key, value)
+    return nic
 
 
 class RayWorker:
@@ -70,11 +72,13 @@ class RayWorker:
 
 
 class RayRunner(MultiprocRunner):
+    placement = None  # set by start_workers; shutdown may run before it
+    rank0_slot = None
+
     def rendezvous_host(self) -> str:
         connect()
         head, _ = parse_head_address(ray.get_runtime_context().gcs_address)
-        bind_interface_to(head)
-        return route_interface(head).local_ip  # this machine's address on the network the cluster uses
+        return bind_interface_to(head).local_ip  # this machine's address on the network the cluster uses
 
     def start_workers(self, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                       device: torch.device, dtype: torch.dtype) -> torch.device:
@@ -122,10 +126,12 @@ class RayRunner(MultiprocRunner):
 
     def shutdown(self) -> None:
         super().shutdown()
-        for worker in [*self.workers, getattr(self, "rank0_slot", None)]:
-            if worker is not None:
-                ray.kill(worker.actor if isinstance(worker, RayWorker) else worker, no_restart=True)
-        if getattr(self, "placement", None) is not None:
+        actors = [w.actor for w in self.workers]
+        if self.rank0_slot is not None:
+            actors.append(self.rank0_slot)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if self.placement is not None:
             remove_placement_group(self.placement)
             self.placement = None
 
@@ -145,5 +151,5 @@ def local_index(ray_gpu_id) -> int:
 
 def describe_nodes(unit: str) -> str:
     """'ip: count' of `unit` for every live node."""
-    total = {n["NodeManagerAddress"]: n["Resources"].get(unit, 0) for n in ray.nodes() if n["Alive"]}
+    total = {n["NodeManagerAddress"]: n["Resources"].get(unit, 0) for n in alive_nodes()}
     return ", ".join(f"{ip}: {n:g}" for ip, n in sorted(total.items())) or "no live nodes"

@@ -144,15 +144,11 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Computes `n` new tokens for each (seq, n); returns the sequences whose context is now complete and
-        the (B, vocab) float32 logits of their last token, from which their next token is sampled."""
+    def submit(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Computes `n` new tokens for each (seq, n), at once in one process; the result (the sequences whose
+        context is now complete and the (B, vocab) float32 logits of their last token) is `wait`'s handle."""
         step, sample_seqs = self.prepare(scheduled)
         return sample_seqs, self.run(step)
-
-    def submit(self, scheduled: list[tuple[Sequence, int]]):
-        """One process computes a step at once; `wait` hands back what `execute` returned."""
-        return self.execute(scheduled)
 
     def wait(self, handle) -> tuple[list[Sequence], torch.Tensor]:
         return handle

@@ -75,7 +75,7 @@ class Scheduler:
                 continue  # its last step's token has not come back yet
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
-                short_of_blocks = True  # seq preempted itself, or only sequences in flight could have made room
+                short_of_blocks = True  # seq preempted itself, or the newest is in flight and cannot make room
                 break
             self._run(seq, seq.num_computed_tokens, num_new, out)
             budget -= num_new

@@ -125,10 +125,15 @@ def ray_inventory() -> Inventory:
     return Inventory(nodes, "Ray cluster")
 
 
+def cpu_inventory() -> Inventory:
+    """This machine as a CPU plan sees it: no GPU, its memory."""
+    return Inventory((Node(socket.gethostname(), (), system_memory_bytes()),), "this machine")
+
+
 def inventory(spec: str | None, cpu: bool = False) -> Inventory:
     """--cluster SPEC, --cluster ray, or (None) this machine; `cpu`: its CPU even if it has GPUs (--device cpu)."""
     if spec is None and cpu:
-        return Inventory((Node(socket.gethostname(), (), system_memory_bytes()),), "this machine")
+        return cpu_inventory()
     if spec is None:
         return Inventory((this_node(),), "this machine")
     if spec.strip().lower() == "ray":

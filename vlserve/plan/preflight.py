@@ -2,14 +2,13 @@
 `LLM(...)`): the same plan as `vlserve plan`, with every knob as configured, plus torch's arch list per card."""
 
 import logging
-import socket
 
 import torch
 
 from vlserve.config import EngineConfig, ModelConfig
 from vlserve.errors import ClusterError, PlanError
 from vlserve.plan.checks import kernel_image
-from vlserve.plan.inventory import Inventory, Node, ray_inventory, system_memory_bytes, this_node
+from vlserve.plan.inventory import Inventory, Node, cpu_inventory, ray_inventory, this_node
 from vlserve.plan.planner import Request, make_plan
 
 log = logging.getLogger("vlserve.plan")
@@ -34,7 +33,7 @@ def live_inventory(config: EngineConfig, device: torch.device) -> Inventory:
     ranks go there."""
     world = config.tensor_parallel_size * config.pipeline_parallel_size
     if device.type != "cuda":
-        return Inventory((Node(socket.gethostname(), (), system_memory_bytes()),), "this machine")
+        return cpu_inventory()
     node = this_node()
     if config.distributed_executor_backend == "ray" or (config.distributed_executor_backend is None
                                                          and world > len(node.gpus)):
