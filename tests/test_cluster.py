@@ -121,3 +121,17 @@ def test_the_whole_command_line_parses_without_torch():
             "print(sorted(m for m in ('torch', 'uvicorn', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_rank0_card_index_follows_cuda_visible_devices(monkeypatch):
+    """Ray names a card by its index on the node; this process may see the cards renumbered."""
+    pytest.importorskip("ray", reason="needs Ray")
+    from vlserve.distributed.ray_executor import local_index
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert local_index("3") == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3,4")
+    assert local_index("3") == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(ClusterError, match="Ray gave rank 0 GPU 3, which this process cannot see"):
+        local_index("3")
