@@ -73,18 +73,21 @@ import json, sys
 from test_distributed import CONVERSATIONS, GREEDY
 from vlserve import LLM
 from vlserve.errors import ClusterError
+def emit(result):  # one write that starts a fresh line: Ray's own messages share stdout and may end without one
+    sys.stdout.write("\\n" + json.dumps(result) + "\\n")
+    sys.stdout.flush()
 try:  # more ranks than the cluster has slots: refused once no machine joins in time, before anything loads
     LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2,
         pipeline_parallel_size=3, distributed_executor_backend="ray", distributed_timeout_s=2)
 except ClusterError as e:
-    print(json.dumps({"too_big": str(e)}), flush=True)
+    emit({"too_big": str(e)})
 for tp, pp in json.loads(sys.argv[2]):
     llm = LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
               pipeline_parallel_size=pp, distributed_executor_backend="ray")
     outputs = llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)
     bm = llm.engine.block_manager
-    print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outputs], "leaked": bm.num_blocks - bm.num_free_blocks,
-                      "nodes": sorted({w.name.split(" on ")[1] for w in llm.engine.runner.workers})}), flush=True)
+    emit({"tokens": [o.outputs[0].token_ids for o in outputs], "leaked": bm.num_blocks - bm.num_free_blocks,
+          "nodes": sorted({w.name.split(" on ")[1] for w in llm.engine.runner.workers})})
     llm.engine.shutdown()
 """
 
@@ -109,23 +112,26 @@ def test_ray_parallel_equals_one_process(cluster, tiny_sharded_ckpt):
 KILL = """
 import json, sys, time
 from vlserve import LLM, SamplingParams
+def emit(result):  # one write that starts a fresh line: Ray's own messages share stdout and may end without one
+    sys.stdout.write("\\n" + json.dumps(result) + "\\n")
+    sys.stdout.flush()
 llm = LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, pipeline_parallel_size=2,
           distributed_executor_backend="ray")
 engine = llm.engine
 engine.add_request(llm.prepare("a long story")[0], SamplingParams(max_tokens=100, ignore_eos=True))
 engine.step()
-print(json.dumps({"pid": engine.runner.workers[0].pid, "node": engine.runner.workers[0].name}), flush=True)
+emit({"pid": engine.runner.workers[0].pid, "node": engine.runner.workers[0].name})
 sys.stdin.readline()  # the test has killed the worker
 start = time.monotonic()
 try:
     for _ in range(1000):
         engine.step()
-    print(json.dumps({"error": None}), flush=True)
+    emit({"error": None})
 except Exception as e:
-    print(json.dumps({"error": type(e).__name__, "seconds": time.monotonic() - start}), flush=True)
+    emit({"error": type(e).__name__, "seconds": time.monotonic() - start})
 start = time.monotonic()
 engine.shutdown()
-print(json.dumps({"shutdown_seconds": time.monotonic() - start}), flush=True)
+emit({"shutdown_seconds": time.monotonic() - start})
 """
 
 
