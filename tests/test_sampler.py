@@ -47,15 +47,18 @@ def test_top_k_1_is_greedy():
 
 def test_repetition_penalty_by_hand():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-    apply_penalties(logits, [seq(prompt=[0, 1], output=[1, 4], repetition_penalty=2.0)])
-    assert logits.tolist() == [[1.0, -2.0, 0.5, 3.0, -4.0, 1.0]]
+    before = logits.clone()
+    out = apply_penalties(logits, [seq(prompt=[0, 1], output=[1, 4], repetition_penalty=2.0)])
+    assert torch.equal(logits, before)  # a new tensor: the caller's logits stay as they were
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, -4.0, 1.0]]
 
 
 def test_frequency_and_presence_by_hand():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
     # Prompt tokens don't count for OpenAI's penalties: token 0 is only in the prompt.
-    apply_penalties(logits, [seq(prompt=[0, 0], output=[3, 3, 3, 5], frequency_penalty=0.5, presence_penalty=0.25)])
-    assert logits[0].tolist() == pytest.approx([2.0, -1.0, 0.5, 3.0 - 1.5 - 0.25, -2.0, 1.0 - 0.5 - 0.25])
+    out = apply_penalties(logits, [seq(prompt=[0, 0], output=[3, 3, 3, 5], frequency_penalty=0.5,
+                                      presence_penalty=0.25)])
+    assert out[0].tolist() == pytest.approx([2.0, -1.0, 0.5, 3.0 - 1.5 - 0.25, -2.0, 1.0 - 0.5 - 0.25])
 
 
 def test_repetition_penalty_matches_transformers():
@@ -63,8 +66,7 @@ def test_repetition_penalty_matches_transformers():
     gen = torch.Generator().manual_seed(3)
     ids = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (10, 10, 10)]
     seqs = [seq(prompt=t[:6], output=t[6:], repetition_penalty=p) for t, p in zip(ids, (1.3, 0.7, 1.0))]
-    ours = logits.clone()
-    apply_penalties(ours, seqs)
+    ours = apply_penalties(logits, seqs)
     for row, (t, p) in enumerate(zip(ids, (1.3, 0.7, 1.0))):
         ref = RepetitionPenaltyLogitsProcessor(p)(torch.tensor([t]), logits[row:row + 1].clone())
         torch.testing.assert_close(ours[row:row + 1], ref)
@@ -75,7 +77,9 @@ def test_min_tokens_blocks_stop_tokens_until_reached():
     seqs = [seq(output=[9], min_tokens=2, stop_token_ids=[7]),  # 1 < 2 outputs: blocked
             seq(output=[9, 9], min_tokens=2, stop_token_ids=[7]),  # reached: free
             seq(output=[], min_tokens=1, stop_token_ids=[7], ignore_eos=True)]  # EOS is no stop: free
-    block_stop_tokens(logits, seqs, EOS)
+    free = logits[1:2]
+    assert block_stop_tokens(free, seqs[1:2], EOS) is free  # nothing to block: no copy
+    logits = block_stop_tokens(logits, seqs, EOS)
     inf = float("inf")
     assert [logits[0, t].item() for t in (7, *EOS)] == [-inf, -inf, -inf]
     assert logits[1].eq(0).all()
@@ -179,9 +183,9 @@ def test_penalties_before_any_output_and_with_ragged_rows():
     later = Sequence("b", [1], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5))
     later.output_token_ids = [3, 3]
     logits = torch.ones(2, 12)
-    apply_penalties(logits[:1], [fresh])  # no outputs at all
-    assert logits[0].tolist() == [1, 1, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1, 1]
+    out = apply_penalties(logits[:1], [fresh])  # no outputs at all
+    assert out[0].tolist() == [1, 1, 1, 1, 1, 0.5, 1, 1, 1, 0.5, 1, 1]
     logits = torch.ones(2, 12)
-    apply_penalties(logits, [fresh, later])
-    assert logits[0, 5] == 0.5 and logits[0, 0] == 1
-    assert logits[1, 1] == 0.5 and logits[1, 3] == 0.5 - 2 * 0.5 and logits[1, 5] == 1
+    out = apply_penalties(logits, [fresh, later])
+    assert out[0, 5] == 0.5 and out[0, 0] == 1
+    assert out[1, 1] == 0.5 and out[1, 3] == 0.5 - 2 * 0.5 and out[1, 5] == 1

@@ -121,12 +121,11 @@ class BlockManager:
 
     def _hash(self, seq: Sequence, i: int) -> bytes:
         """Hash of the sequence's full block i, computed once and kept on the sequence."""
-        hashes, size, prompt = seq.block_hashes, self.block_size, seq.prompt_token_ids
+        hashes, size = seq.block_hashes, self.block_size
         while len(hashes) <= i:
             start, end = len(hashes) * size, (len(hashes) + 1) * size
-            outputs = seq.output_token_ids[max(start - len(prompt), 0):max(end - len(prompt), 0)]
-            tokens = prompt[start:end] + outputs
-            hashes.append(block_hash(hashes[-1] if hashes else b"", tokens, seq.media_hashes_in(start, end)))
+            hashes.append(block_hash(hashes[-1] if hashes else b"", seq.tokens(start, end),
+                                     seq.media_hashes_in(start, end)))
         return hashes[i]
 
     def _share(self, b: int) -> None:

@@ -202,12 +202,18 @@ class LLMEngine:
         if finished:
             del self.requests[request_id]
         first = seqs[0]
-        metrics = RequestMetrics(first.arrival_time, min((s.scheduled_time for s in seqs if s.scheduled_time),
-                                                         default=None),
-                                 min((s.first_token_time for s in seqs if s.first_token_time), default=None),
-                                 max((s.finished_time for s in seqs if s.finished_time), default=None))
-        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished, metrics,
+        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished, request_metrics(seqs),
                              num_cached_tokens=min(first.num_cached_tokens, first.num_prompt_tokens))
+
+
+def request_metrics(seqs: list[Sequence]) -> RequestMetrics:
+    """A request's times: its first sample's start and first token, its last sample's end."""
+    first = seqs[0]
+    if len(seqs) == 1:  # the common case, every step for every running request: no scans
+        return RequestMetrics(first.arrival_time, first.scheduled_time, first.first_token_time, first.finished_time)
+    return RequestMetrics(first.arrival_time, min((s.scheduled_time for s in seqs if s.scheduled_time), default=None),
+                          min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+                          max((s.finished_time for s in seqs if s.finished_time), default=None))
 
 
 def media_spans(ids: list[int], media: list[MediaItem], cfg: ModelConfig) -> list[MediaSpan]:

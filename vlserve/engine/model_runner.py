@@ -80,6 +80,18 @@ class PendingLogits:
     receive: dist.Work | None = None
 
 
+def step_positions(flat: list[int], prompt_mrope: list[tuple[int, torch.Tensor]], decode: bool) -> torch.Tensor:
+    """(3, T) M-RoPE positions: `flat` on every row, with multimodal prompts' own rows pasted in. A decode step
+    takes one row: it holds only text tokens, whose three rows are equal."""
+    positions = torch.tensor(flat)
+    if not prompt_mrope:
+        return positions if decode else positions.expand(3, -1).contiguous()
+    positions = positions.expand(3, -1).clone()
+    for at, rows in prompt_mrope:
+        positions[:, at:at + rows.shape[1]] = rows
+    return positions[0].contiguous() if decode else positions
+
+
 def last_stage_first_rank(stage) -> int:
     return (stage.num_stages - 1) * tp_size()
 
@@ -223,42 +235,39 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence]]:
         encoded = self.encode_media(scheduled)
-        ids, positions, slots, media_mask, media_rows = [], [], [], [], []
+        ids, flat_positions, slots, media_mask, media_rows = [], [], [], [], []
+        prompt_mrope = []  # (first row in the batch, (3, k) M-RoPE positions of a multimodal prompt's tokens)
         cu, context_lens, tables, sample_rows, sample_seqs = [0], [], [], [], []
+        size = self.block_size
         for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids.extend(seq.token_id(i) for i in range(start, end))
-            positions.append(self.positions(seq, start, end))
-            slots.extend(seq.block_table[i // self.block_size] * self.block_size + i % self.block_size
-                         for i in range(start, end))
-            mask, rows = self.media_for(seq, start, end, encoded)
-            media_mask.extend(mask)
-            media_rows.extend(rows)
+            ids += seq.tokens(start, end)
+            # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
+            flat_positions += range(start + seq.rope_delta, end + seq.rope_delta)
+            if seq.mrope_positions is not None and start < seq.num_prompt_tokens:
+                prompt_mrope.append((cu[-1], seq.mrope_positions[:, start:min(end, seq.num_prompt_tokens)]))
+            table = seq.block_table
+            slots += [table[i // size] * size + i % size for i in range(start, end)]
+            if seq.media:
+                mask, rows = self.media_for(seq, start, end, encoded)
+                media_mask += mask
+                media_rows += rows
+            else:
+                media_mask += [False] * n
             cu.append(cu[-1] + n)
             context_lens.append(end)
-            tables.append(seq.block_table)
+            tables.append(table)
             if end == seq.num_tokens:
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
         # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
         # here, and each moves it to its own device.
         meta = AttentionMetadata.from_lengths([n for _, n in scheduled], context_lens, tables, slots)
-        embeds = torch.cat(media_rows) if media_rows else None
-        positions = torch.cat(positions, dim=1)
         decode = not media_rows and all(n == 1 for _, n in scheduled)
-        step = StepInput(torch.tensor(ids), positions[0] if decode else positions, meta, embeds,
+        step = StepInput(torch.tensor(ids), step_positions(flat_positions, prompt_mrope, decode), meta,
+                         torch.cat(media_rows) if media_rows else None,
                          torch.tensor(media_mask) if media_rows else None, sample_rows)
         return step, sample_seqs
-
-    def positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """(3, end - start): the prompt's M-RoPE rows, then `i + rope_delta` on all rows for generated tokens."""
-        split = min(max(start, seq.num_prompt_tokens if seq.mrope_positions is not None else 0), end)
-        parts = []
-        if split > start:
-            parts.append(seq.mrope_positions[:, start:split])
-        if end > split:
-            parts.append(torch.arange(split, end).add_(seq.rope_delta).expand(3, -1))
-        return torch.cat(parts, dim=1)
 
     def media_for(self, seq: Sequence, start: int, end: int,
                   encoded: dict[str, torch.Tensor]) -> tuple[list[bool], list[torch.Tensor]]:

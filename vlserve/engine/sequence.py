@@ -73,9 +73,10 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_id(self, i: int) -> int:
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end], without copying the whole sequence."""
         p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[max(start - p, 0):max(end - p, 0)]
 
     @property
     def is_finished(self) -> bool:
