@@ -6,7 +6,7 @@ building the step's inputs, sampling, and appending tokens (detokenization, stop
 model's forward and logits run on the chosen device and are reported apart; on the CPU, sampling is device work
 too (it runs on the logits' device), so its figure is shown but not counted as host time.
 
-    python benchmarks/host_overhead.py [--seqs 256] [--prompt-len 512] [--steps 40] [--sampled]
+    python benchmarks/host_overhead.py [--seqs 256] [--prompt-len 512] [--steps 40] [--sampling greedy|qwen|top-p]
 
 Needs only a checkpoint folder (default: a tiny random one made with `vlserve make-tiny`); the host side does not
 depend on the model's size, only on the number of sequences, their lengths and the vocabulary (Qwen2.5's here).
@@ -25,6 +25,11 @@ from vlserve import LLM, SamplingParams
 from vlserve.model.tiny import TinySpec, make_tiny
 
 HOST_PHASES = ("schedule", "prepare", "append tokens")
+SAMPLING = {
+    "greedy": dict(temperature=0.0),
+    "qwen": dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05),  # the checkpoints' defaults
+    "top-p": dict(temperature=0.8, top_p=0.95),
+}
 
 
 def timed(phases: dict, label: str, fn):
@@ -43,9 +48,7 @@ def run(model: str, args) -> dict[str, float]:
               max_num_seqs=args.seqs, max_model_len=args.prompt_len + args.steps + 64, enforce_eager=True)
     engine = llm.engine
     rng = random.Random(0)
-    sampling = (dict(temperature=0.8, top_p=0.95, repetition_penalty=1.05) if args.sampled  # generation_config.json
-                else dict(temperature=0.0))
-    params = SamplingParams(max_tokens=args.steps + 32, ignore_eos=True, **sampling)
+    params = SamplingParams(max_tokens=args.steps + 32, ignore_eos=True, **SAMPLING[args.sampling])
     for _ in range(args.seqs):
         engine.add_request([rng.randrange(100, 50_000) for _ in range(args.prompt_len)], params)
     while engine.scheduler.num_waiting or any(not s.output_token_ids for s in engine.scheduler.running):
@@ -70,8 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=40, help="timed decode steps")
-    p.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, repetition penalty 1.05 "
-                                                          "(default: greedy)")
+    p.add_argument("--sampling", choices=SAMPLING, default="greedy",
+                   help="qwen: generation_config.json's defaults (temperature 0.1, top-k 1, top-p 0.001, repetition "
+                        "penalty 1.05), what a request that sets none gets")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     args = p.parse_args(argv)
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
         per_step = run(model, args)
     host = sum(per_step[label] for label in HOST_PHASES)
     print(f"{args.seqs} sequences decoding, prompts of {args.prompt_len} tokens, "
-          f"{'sampled' if args.sampled else 'greedy'}, device {args.device}; per step:")
+          f"{args.sampling} sampling, device {args.device}; per step:")
     for label in (*HOST_PHASES, "forward + logits", "sample", "step"):
         print(f"  {label:18s} {per_step[label] * 1e3:8.2f} ms")
     print(f"  {'host (the first 3)':18s} {host * 1e3:8.2f} ms, {host / args.seqs * 1e6:.1f} us per sequence")

@@ -13,9 +13,9 @@ _spec.loader.exec_module(host_overhead)
 
 def test_times_each_phase_of_decode_steps(tiny_ckpt, capsys):
     assert host_overhead.main(["--model", str(tiny_ckpt), "--seqs", "5", "--prompt-len", "20", "--steps", "3",
-                               "--sampled", "--kv-cache-gib", "0.05"]) == 0
+                               "--sampling", "qwen", "--kv-cache-gib", "0.05"]) == 0
     out = capsys.readouterr().out
-    assert "5 sequences decoding, prompts of 20 tokens, sampled, device cpu" in out
+    assert "5 sequences decoding, prompts of 20 tokens, qwen sampling, device cpu" in out
     ms = {label: float(m.group(1)) for label in ("schedule", "prepare", "append tokens", "forward \\+ logits",
                                                   "sample", "step")
           if (m := re.search(rf"  {label} +([0-9.]+) ms", out))}
@@ -34,7 +34,7 @@ def test_each_timed_step_decodes_every_sequence(tiny_ckpt, monkeypatch):
         return llm
 
     monkeypatch.setattr(host_overhead, "LLM", spying_llm)
-    args = host_overhead.argparse.Namespace(device="cpu", seqs=4, prompt_len=20, steps=3, sampled=False, threads=1,
+    args = host_overhead.argparse.Namespace(device="cpu", seqs=4, prompt_len=20, steps=3, sampling="greedy", threads=1,
                                             kv_cache_gib=0.05)
     host_overhead.run(str(tiny_ckpt), args)
     assert seen[-3:] == [[1, 1, 1, 1]] * 3

@@ -118,6 +118,30 @@ def test_filtered_distributions_match_transformers():
         torch.testing.assert_close(ours[row:row + 1], ref, atol=1e-6, rtol=1e-5)
 
 
+TOP_K_FILTERS = [dict(temperature=0.1, top_k=1, top_p=0.001), dict(top_k=50, top_p=0.9), dict(top_k=7),
+                 dict(temperature=0.6, top_k=20, top_p=0.5, min_p=0.02)]  # the first: Qwen's generation_config
+
+
+def test_top_k_rows_sort_only_their_candidates_and_match_transformers():
+    """Every row has a top-k: only the largest k are sorted, with the same distributions as transformers."""
+    logits = rand_logits(len(TOP_K_FILTERS), seed=6, vocab=1000)
+    params = [SamplingParams(**f) for f in TOP_K_FILTERS]
+    ours = sampling_probs(logits, params)
+    for row, p in enumerate(params):
+        ref = hf_probs(logits[row:row + 1], p)
+        assert torch.equal(ours[row:row + 1] > 0, ref > 0), TOP_K_FILTERS[row]
+        torch.testing.assert_close(ours[row:row + 1], ref, atol=1e-6, rtol=1e-5)
+    assert (ours[0] > 0).sum() == 1 and ours[0].argmax() == logits[0].argmax()
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    logits = torch.tensor([[3.0, 2.0, 0.5, 2.0, 2.0, 1.0]])
+    for p in (SamplingParams(top_k=2), SamplingParams(top_k=2, top_p=0.99)):
+        ours = sampling_probs(logits, [p])
+        assert (ours[0] > 0).tolist() == [True, True, False, True, True, False]
+        torch.testing.assert_close(ours, hf_probs(logits, p))
+
+
 def test_samples_follow_the_distribution():
     # 6000 rows of one distribution, one step each: frequencies within 3% of the probabilities (> 5 sigma).
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -189,3 +213,34 @@ def test_penalties_before_any_output_and_with_ragged_rows():
     out = apply_penalties(logits, [fresh, later])
     assert out[0, 5] == 0.5 and out[0, 0] == 1
     assert out[1, 1] == 0.5 and out[1, 3] == 0.5 - 2 * 0.5 and out[1, 5] == 1
+
+
+def dense_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The textbook form: vocabulary-wide counts and masks, row by row."""
+    out = logits.clone()
+    for row, s in enumerate(seqs):
+        p, vocab = s.params, logits.shape[1]
+        counts = torch.bincount(torch.tensor(s.output_token_ids, dtype=torch.long), minlength=vocab).float()
+        seen = torch.bincount(torch.tensor(s.prompt_token_ids), minlength=vocab).bool() | (counts > 0)
+        x = out[row]
+        x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        out[row] = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+    return out
+
+
+def test_penalties_on_seen_ids_equal_the_dense_form():
+    """Many repeats, ragged prompts and outputs, a row without outputs, a row with no penalty in between."""
+    gen = torch.Generator().manual_seed(8)
+    logits = rand_logits(5, seed=8, vocab=300)
+    seqs = []
+    for row, (n_prompt, n_out) in enumerate([(40, 200), (3, 0), (100, 7), (1, 1), (9, 60)]):
+        s = Sequence(f"r{row}", torch.randint(0, 60, (n_prompt,), generator=gen).tolist(),
+                     SamplingParams(repetition_penalty=1.0 if row == 3 else 1.3, frequency_penalty=0.2 * row,
+                                    presence_penalty=0.0 if row == 3 else 0.7))
+        s.output_token_ids = torch.randint(0, 80, (n_out,), generator=gen).tolist()
+        seqs.append(s)
+    seqs[3].params = SamplingParams()  # not penalised: its row stays as it was
+    ours = apply_penalties(logits, seqs)
+    torch.testing.assert_close(ours, dense_penalties(logits, seqs))
+    assert torch.equal(ours[3], logits[3])
+    assert torch.equal(apply_penalties(logits, seqs), ours)  # copies of an id write the same value: deterministic
