@@ -108,3 +108,40 @@ def test_graphs_agree_with_eager_bf16(tiny_ckpt):
     graphs, _ = generate(tiny_ckpt, "bfloat16", False, PROMPTS, 16)
     agree = sum(g == e for g, e in zip(graphs, eager))
     assert agree >= len(PROMPTS) * 3 // 4, (graphs, eager)
+
+
+def expected_positions(scheduled) -> torch.Tensor:
+    """Token by token: a multimodal prompt's own M-RoPE column, else `i + rope_delta` on all three rows."""
+    columns = []
+    for seq, n in scheduled:
+        for i in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+            if seq.mrope_positions is not None and i < seq.num_prompt_tokens:
+                columns.append(seq.mrope_positions[:, i])
+            else:
+                columns.append(torch.full((3,), i + seq.rope_delta))
+    return torch.stack(columns, dim=1)
+
+
+def test_step_positions_over_chunks_of_mixed_batches(tiny_ckpt):
+    """Chunked prefill cuts a picture prompt mid-way; text prompts and decodes share its steps: every step's
+    positions equal the token-by-token form (one row when the step only decodes)."""
+    from hf_reference import image_url, text
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, max_num_batched_tokens=16, enable_prefix_caching=False)
+    runner, checked = llm.engine.runner, []
+    prepare = runner.prepare
+
+    def check(scheduled):
+        step, seqs = prepare(scheduled)
+        expected = expected_positions(scheduled)
+        assert torch.equal(step.positions, expected[0] if step.is_decode else expected)
+        picture_chunk = any(s.mrope_positions is not None and s.num_computed_tokens < s.num_prompt_tokens
+                            for s, _ in scheduled)
+        checked.append((step.is_decode, picture_chunk))
+        return step, seqs
+
+    runner.prepare = check
+    llm.chat([[{"role": "user", "content": [image_url(112, 84, 3), text("What is it?")]}],
+              [{"role": "user", "content": "a text prompt beside it"}]],
+             SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert sum(mm for _, mm in checked) >= 3  # the picture prompt took three chunks, its last beside a text one
+    assert any(decode for decode, _ in checked) and not all(decode for decode, _ in checked)
