@@ -2,9 +2,16 @@
 
 import os
 
-import pytest
+import torch
 
-from vlserve.model.tiny import TinySpec, make_tiny
+if not torch.cuda.is_available():
+    # Without a GPU, tests/test_kernels.py runs the Triton kernels under Triton's interpreter. Triton reads this
+    # once, when first imported (transformers may import it while test modules are collected), so it is set here.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vlserve.model.tiny import TinySpec, make_tiny  # noqa: E402
 
 # Two shapes: GQA 2:1 untied in one file; GQA 6:1, tied embeddings, deeper vision tower, three shards.
 SPECS = {
