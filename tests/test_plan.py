@@ -95,12 +95,13 @@ def test_max_model_len_over_the_kv_cache_gives_the_largest_that_fits_and_the_uti
     assert error["code"] == "max_model_len_exceeds_kv_cache"
     assert f"{report['kv_cache_tokens']} tokens fit" in error["message"]
     largest = int(error["fix"].split("--max-model-len ")[1].split()[0])
-    utilization = error["fix"].split("--gpu-memory-utilization ")[1].split()[0]
+    # the utilization, and a smaller vision cache where the one asked for would not fit in what it leaves
+    raised = error["fix"].split("; ")[1].split(" would hold")[0].split()
+    assert raised[0] == "--gpu-memory-utilization" and float(raised[1]) > 0.9
     assert largest == report["kv_cache_tokens"] < 80000
     assert plan(capsys, layouts["7b"], "--max-model-len", str(largest), *fixed)[0] == 0
     assert plan(capsys, layouts["7b"], "--max-model-len", str(largest + 16), *fixed)[0] == 2
-    raised = ("--cluster", "1xL4", "--gpu-memory-utilization", utilization, "--max-num-batched-tokens", "2048")
-    assert float(utilization) > 0.9
+    raised = ("--cluster", "1xL4", "--max-num-batched-tokens", "2048", *raised)
     assert plan(capsys, layouts["7b"], "--max-model-len", "80000", *raised)[0] == 0
 
 
@@ -126,6 +127,11 @@ def test_72b_on_two_machines_of_eight_2080ti_has_a_feasible_plan(capsys, layouts
     assert command[:3] == ["vlserve", "serve", layouts["72b"]]
     assert "--distributed-executor-backend" in command and f"--max-model-len {report['max_model_len']}" in \
         report["command"]
+    # 256 seats' logits and sampling buffers (7 x 256 x 152k fp32 = 1 GiB) do not fit beside the first stage's
+    # weights on an 11 GiB card: the plan takes fewer seats, and says so in its command
+    assert report["max_num_seqs"] < 256 and f"--max-num-seqs {report['max_num_seqs']}" in report["command"]
+    code, asked = plan(capsys, layouts["72b"], "--cluster", "2x8xRTX2080Ti", "--max-num-seqs", "256")
+    assert code == 2 and asked["max_num_seqs"] == 256  # what the user set, the planner only checks
 
 
 def test_mixed_cards_are_sized_by_the_tightest_rank(capsys, layouts):

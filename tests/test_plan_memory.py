@@ -1,6 +1,7 @@
 """The memory model against the engine's own modules: the real 3B/7B/72B layouts built on the meta device (shapes,
 no memory) for each rank of a tensor/pipeline-parallel layout, in both vision modes; parameter bytes and KV bytes
-per block must equal the planner's to the byte."""
+per block must equal the planner's to the byte. The sampler's worst case, as the profiling step runs it, peaks
+where the planner says (allocations counted by torch.profiler on the CPU)."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ from vlserve.model.layers.attention import Attention
 from vlserve.model.loader import default_dtype
 from vlserve.model.qwen2_5_vl import Qwen2_5_VLForCausalLM
 from vlserve.plan.layouts import layout_config
-from vlserve.plan.memory import Weights, image_patches, kv_bytes_per_block, stages
+from vlserve.engine.sampler import sample_worst_case
+from vlserve.plan.memory import Weights, image_patches, kv_bytes_per_block, sampler_peak, stages
 
 
 def rank_model(cfg, tp: int, rank: int, pp: int, stage: int, mode: str):
@@ -65,3 +67,24 @@ def test_largest_image_is_what_the_profile_encodes():
     """model_runner.profile_free_blocks: a square of max_pixels, sides floored to multiples of 28."""
     assert image_patches(MediaOptions().max_pixels) == 256 * 256  # 3584 x 3584 pixels, 16,384 tokens
     assert image_patches(1_003_520) == 70 * 70  # side 1001 -> 980
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most bytes alive at once among those `fn` allocates (CPU), from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    alive = peak = 0
+    for e in events:
+        alive += e.nbytes()
+        peak = max(peak, alive)
+    return peak
+
+
+@pytest.mark.parametrize("rows, vocab", [(8, 151_936), (64, 20_000), (1, 152_064)])
+def test_the_samplers_worst_case_peaks_where_the_planner_says(rows, vocab):
+    sample_worst_case(rows, vocab, torch.device("cpu"))  # warm: one-time allocations stay out of the count
+    measured = peak_allocated_bytes(lambda: sample_worst_case(rows, vocab, torch.device("cpu")))
+    planned = sampler_peak(vocab, rows)
+    assert planned * 0.97 <= measured <= planned * 1.03, (measured, planned)

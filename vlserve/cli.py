@@ -223,7 +223,7 @@ def add_plan(sub) -> None:
     add_engine_args(p)
     # Unset means "choose for me": the planner tunes these; what the user sets, it only checks.
     p.set_defaults(func=run_plan, tensor_parallel_size=None, pipeline_parallel_size=None, mm_encoder_tp_mode=None,
-                   gpu_memory_utilization=None)
+                   gpu_memory_utilization=None, max_num_seqs=None)
 
 
 def run_plan(args) -> int:
@@ -239,7 +239,8 @@ def run_plan(args) -> int:
     asked = {knob for knob in TUNABLE if getattr(args, knob, None) is not None}
     if "max_pixels" in json_flag("--mm-processor-kwargs", args.mm_processor_kwargs):
         asked.add("max_pixels")
-    for knob in ("tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode", "gpu_memory_utilization"):
+    for knob in ("tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode", "gpu_memory_utilization",
+                 "max_num_seqs"):
         if getattr(args, knob) is None:
             setattr(args, knob, getattr(EngineConfig, knob))
     cfg = load_model_config(args.model)

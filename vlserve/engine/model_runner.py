@@ -11,6 +11,7 @@ import torch.distributed as dist
 from vlserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from vlserve.distributed.parallel_state import pipeline_stage, tp_all_gather, tp_rank, tp_size
 from vlserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from vlserve.engine.sampler import sample_worst_case
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
 from vlserve.media.item import MediaItem
@@ -305,7 +306,8 @@ class ModelRunner:
     def profile_free_blocks(self, utilization: float, sched: SchedulerConfig, media: MediaOptions,
                             bytes_per_block: int) -> int:
         """Runs the worst-case step (a full token budget, the largest allowed image through the vision tower,
-        logits for every seat), then gives the KV cache what `utilization` of the card leaves."""
+        logits for every seat, and on rank 0 the costliest sampling of every seat), then gives the KV cache what
+        `utilization` of the card leaves."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens, stage = sched.max_num_batched_tokens, pipeline_stage()
@@ -322,6 +324,8 @@ class ModelRunner:
             grid = (1, side // 14, side // 14)
             pixels = torch.zeros(grid[1] * grid[2], self.cfg.vision.patch_dim)
             self.model.encode_media([MediaItem("image", pixels, grid, "profile")])
+        if not dist.is_initialized() or dist.get_rank() == 0:  # global rank 0 samples every step
+            sample_worst_case(min(sched.max_num_seqs, tokens), self.cfg.vocab_size, self.device)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)

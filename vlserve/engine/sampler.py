@@ -12,7 +12,7 @@ import torch
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS
 from vlserve.engine.detokenizer import stop_token_ids
-from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from vlserve.engine.sequence import Sequence
 
 
@@ -69,6 +69,18 @@ class Sampler:
                 q[i].exponential_(generator=self._seeded)
         # exponential_ can return 0 (a uniform draw of exactly 0); 0/0 = NaN would win the argmax.
         return q.clamp_(min=torch.finfo(q.dtype).tiny)
+
+
+# Every full-vocabulary path at once: penalties, temperature, top-p without a top-k (a sort of the whole row),
+# min-p, and the most logprobs. Its temporaries (6 fp32 copies of the logits on the CPU) set the sampler's peak.
+WORST_CASE = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.1,
+                            presence_penalty=0.1, logprobs=MAX_LOGPROBS)
+
+
+def sample_worst_case(rows: int, vocab: int, device: torch.device) -> None:
+    """One sampling step of `rows` seats at their most expensive: the engine's profiling step runs it, so that
+    the KV cache leaves room for the sampler's temporaries."""
+    Sampler()(torch.zeros(rows, vocab, device=device), [Sequence("profile", [0], WORST_CASE) for _ in range(rows)])
 
 
 def _row_seed(seed: int, index: int, step: int) -> int:

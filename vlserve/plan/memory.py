@@ -5,7 +5,8 @@ vocabulary rows and attention/MLP output rows split over tensor-parallel ranks, 
 fewer than ranks, the vision tower whole on the first stage (data mode) or split (weights mode). The KV cache is
 sized as `LLMEngine.num_kv_blocks` does. The activation peak follows the engine's profiling step
 (`ModelRunner.profile_free_blocks`: a full token budget through the stage's layers, logits for every seat, the
-largest allowed image through the vision tower), counting the tensors alive at the worst moment of each.
+largest allowed image through the vision tower, the costliest sampling of every seat on the first stage's first
+rank), counting the tensors alive at the worst moment of each.
 """
 
 import math
@@ -27,6 +28,10 @@ ALLOCATOR_ROUNDING = 0.005
 NCCL_BYTES = 256 * MIB
 CPU_PROCESS_BYTES = 1 * GIB  # Python, torch and the tokenizer, per process, on a CPU plan
 AWQ_PACK = 8  # 4-bit values per int32
+# The sampler's worst case (`sampler.WORST_CASE`): 6 fp32 copies of the (seats, vocabulary) logits beside the
+# logits themselves, measured on the CPU with torch.profiler's allocations. A GPU's sort may add workspace; not
+# measured there yet (the engine's profiling step runs the sampler itself, so its own KV sizing is measured).
+SAMPLER_COPIES = 6
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision
         peaks.append(final + logits_peak(cfg, tp, min(step.logits_rows, t), b))
     if stage.is_first and cfg.vision is not None and step.image_patches:
         peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b, fused))
+    if stage.is_first:  # global rank 0 samples (the first stage's other ranks are sized as it is)
+        peaks.append(final + sampler_peak(cfg.vocab_size, min(step.logits_rows, t)))
     return base + max(peaks)
 
 
@@ -198,6 +205,11 @@ def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:
     gathered = local * tp if tp > 1 else 0
     during_gather = local + 2 * gathered  # the slice, every rank's slice, their concatenation
     return max(during_gather, (gathered or local) + rows * cfg.vocab_size * 4)
+
+
+def sampler_peak(vocab: int, rows: int) -> int:
+    """The logits of every seat (fp32) and the sampler's temporaries at its worst."""
+    return (1 + SAMPLER_COPIES) * rows * vocab * 4
 
 
 def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int, fused: bool = False) -> int:

@@ -27,14 +27,16 @@ from vlserve.plan.memory import (
 )
 
 TUNABLE = frozenset({"tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode",
-                     "max_num_batched_tokens", "max_pixels", "gpu_memory_utilization"})
+                     "max_num_batched_tokens", "max_pixels", "gpu_memory_utilization", "max_num_seqs"})
 MIN_CONTEXT = 8192  # without --max-model-len, a plan should hold at least this much of one conversation
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 PIXELS_PER_TOKEN = 28 * 28
-# One knob tightened per step, cheapest first; a step is skipped when the user set that knob.
+# One knob tightened per step, cheapest first; a step is skipped when the user set that knob. Fewer seats
+# (--max-num-seqs) shrink the logits and the sampler's temporaries, which grow with seats x vocabulary.
 LADDER = (("mm_encoder_tp_mode", "weights"), ("max_num_batched_tokens", 4096), ("max_pixels", 4096 * PIXELS_PER_TOKEN),
-          ("max_num_batched_tokens", 2048), ("gpu_memory_utilization", 0.95), ("max_pixels", 1024 * PIXELS_PER_TOKEN),
-          ("max_num_batched_tokens", 1024), ("max_pixels", 256 * PIXELS_PER_TOKEN))
+          ("max_num_batched_tokens", 2048), ("gpu_memory_utilization", 0.95), ("max_num_seqs", 128),
+          ("max_pixels", 1024 * PIXELS_PER_TOKEN), ("max_num_seqs", 64), ("max_num_batched_tokens", 1024),
+          ("max_pixels", 256 * PIXELS_PER_TOKEN), ("max_num_seqs", 32))
 LARGEST_SEARCH = 64  # GPUs tried when looking for the smallest count that fits
 
 
@@ -54,6 +56,7 @@ class Settings:
     max_num_batched_tokens: int
     max_pixels: int
     gpu_memory_utilization: float
+    max_num_seqs: int
     step: int = 0  # how many knobs the planner tightened
 
     @property
@@ -135,7 +138,7 @@ class Planner:
         e, asked = self.engine, self.request.asked
         model_len = e.max_model_len or self.cfg.max_position_embeddings
         settings = [Settings(tp, pp, e.mm_encoder_tp_mode, e.batched_tokens(model_len), e.media.max_pixels,
-                             e.gpu_memory_utilization)]
+                             e.gpu_memory_utilization, e.max_num_seqs)]
         for knob, value in LADDER:
             current = getattr(settings[-1], knob)
             if knob in asked or value == current:
@@ -147,6 +150,8 @@ class Planner:
             if knob == "max_pixels" and (self.cfg.vision is None or value > current):
                 continue
             if knob == "max_num_batched_tokens" and (value > current or not e.enable_chunked_prefill):
+                continue
+            if knob == "max_num_seqs" and value > current:
                 continue
             settings.append(replace(settings[-1], **{knob: value}, step=len(settings)))
         return settings
@@ -207,7 +212,7 @@ class Planner:
         b, on_gpu = DTYPE_BYTES[c.dtype], not self.inventory.is_cpu
         split = s.mm_encoder_tp_mode == "weights" and s.tensor_parallel_size > 1
         tp = s.tensor_parallel_size
-        step = Step(s.max_num_batched_tokens, e.max_num_seqs, image_patches(s.max_pixels) if cfg.vision else 0)
+        step = Step(s.max_num_batched_tokens, s.max_num_seqs, image_patches(s.max_pixels) if cfg.vision else 0)
         for stage, stage_cards in zip(stages(cfg, s.pipeline_parallel_size, self.partition(s.pipeline_parallel_size)),
                                       cards):
             weights = self.weights.rank_bytes(tp, stage, split, b)
@@ -295,9 +300,13 @@ class Planner:
             return f"{fits}; {flag} {value} would hold {asked}"
         need = max((r.weights + r.activation + r.reserve + blocks * r.kv_per_block) / r.capacity for r in c.memory)
         utilization = math.ceil(need * 100) / 100
-        if utilization <= 1:
-            return f"{fits}; --gpu-memory-utilization {utilization:.2f} would hold {asked} on these cards"
-        return f"{fits}; no --gpu-memory-utilization holds {asked} on these cards: use more GPUs"
+        if utilization > 1:
+            return f"{fits}; no --gpu-memory-utilization holds {asked} on these cards: use more GPUs"
+        fix = f"--gpu-memory-utilization {utilization:.2f}"
+        headroom = c.memory[0].capacity * (1 - utilization)  # where the vision cache lives (see check_memory)
+        if self.engine.vision_cache_mib * MIB > headroom:
+            fix += f" --vision-cache-mib {int(headroom // MIB * 0.8)}"
+        return f"{fits}; {fix} would hold {asked} on these cards"
 
     def add_notes(self, c: Candidate, weakest: Card | None) -> None:
         cfg, s = self.cfg, c.settings

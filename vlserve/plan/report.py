@@ -9,7 +9,7 @@ from vlserve.media.options import MediaOptions
 from vlserve.plan.memory import GIB, image_patches
 from vlserve.plan.planner import Candidate, Plan
 
-PASSED_ON = ("max_num_seqs", "block_size", "vision_cache_mib", "num_gpu_blocks_override", "enable_prefix_caching",
+PASSED_ON = ("block_size", "vision_cache_mib", "num_gpu_blocks_override", "enable_prefix_caching",
              "enable_chunked_prefill", "limit_mm_per_prompt", "distributed_executor_backend")
 
 
@@ -31,6 +31,8 @@ def serve_command(plan: Plan) -> str:
     defaults = EngineConfig(model=e.model)
     if s.max_num_batched_tokens != defaults.batched_tokens(c.max_model_len):
         args += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
+    if s.max_num_seqs != defaults.max_num_seqs:
+        args += ["--max-num-seqs", str(s.max_num_seqs)]
     for name in PASSED_ON:
         value = getattr(e, name)
         if value != getattr(defaults, name):
@@ -70,6 +72,7 @@ def to_json(plan: Plan) -> dict:
         "max_num_batched_tokens": s.max_num_batched_tokens,
         "max_pixels": s.max_pixels,
         "gpu_memory_utilization": s.gpu_memory_utilization,
+        "max_num_seqs": s.max_num_seqs,
         "dtype": c.dtype or None,
         "dtype_reason": c.dtype_why or None,
         "max_model_len": c.max_model_len if c.feasible else None,
