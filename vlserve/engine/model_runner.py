@@ -249,12 +249,9 @@ class ModelRunner:
                 prompt_mrope.append((cu[-1], seq.mrope_positions[:, start:min(end, seq.num_prompt_tokens)]))
             table = seq.block_table
             slots += [table[i // size] * size + i % size for i in range(start, end)]
-            if seq.media:
-                mask, rows = self.media_for(seq, start, end, encoded)
-                media_mask += mask
-                media_rows += rows
-            else:
-                media_mask += [False] * n
+            mask, rows = self.media_for(seq, start, end, encoded)
+            media_mask += mask
+            media_rows += rows
             cu.append(cu[-1] + n)
             context_lens.append(end)
             tables.append(table)
