@@ -267,13 +267,20 @@ class Planner:
                 f"{gib(r.activation)}, {gib(r.reserve)} reserved, {'the KV cache' if override else 'a KV block'}"
                 f"), over the {gib(budgets[worst])} that {allows} allows (\"CUDA out of memory\")"))
             return
-        headroom = c.memory[0].capacity * (1 - utilization)
-        if not override and e.vision_cache_mib * MIB > headroom:
+        headroom, cache_mib = self.vision_cache_room(c, utilization)
+        if not override and cache_mib is not None:
             c.errors.append(Problem(
                 "vision_cache", f"the vision cache (--vision-cache-mib {e.vision_cache_mib}) lives outside the KV "
                 f"budget, in the {gib(headroom)} that --gpu-memory-utilization {utilization} leaves on "
                 f"{c.memory[0].device}: once it fills, the card runs out of memory",
-                f"lower --vision-cache-mib to {int(headroom // MIB * 0.8)} or --gpu-memory-utilization"))
+                f"lower --vision-cache-mib to {cache_mib} or --gpu-memory-utilization"))
+
+    def vision_cache_room(self, c: Candidate, utilization: float) -> tuple[float, int | None]:
+        """The memory `utilization` leaves on the first card, where the vision cache lives, and the
+        --vision-cache-mib that fits in it when the configured one does not (None when it does)."""
+        headroom = c.memory[0].capacity * (1 - utilization)
+        fits = self.engine.vision_cache_mib * MIB <= headroom
+        return headroom, None if fits else int(headroom // MIB * 0.8)
 
     def check_context(self, c: Candidate) -> None:
         asked, limit = self.engine.max_model_len, self.cfg.max_position_embeddings
@@ -303,9 +310,9 @@ class Planner:
         if utilization > 1:
             return f"{fits}; no --gpu-memory-utilization holds {asked} on these cards: use more GPUs"
         fix = f"--gpu-memory-utilization {utilization:.2f}"
-        headroom = c.memory[0].capacity * (1 - utilization)  # where the vision cache lives (see check_memory)
-        if self.engine.vision_cache_mib * MIB > headroom:
-            fix += f" --vision-cache-mib {int(headroom // MIB * 0.8)}"
+        _, cache_mib = self.vision_cache_room(c, utilization)
+        if cache_mib is not None:
+            fix += f" --vision-cache-mib {cache_mib}"
         return f"{fits}; {fix} would hold {asked} on these cards"
 
     def add_notes(self, c: Candidate, weakest: Card | None) -> None:
