@@ -105,6 +105,16 @@ def test_max_model_len_over_the_kv_cache_gives_the_largest_that_fits_and_the_uti
     assert plan(capsys, layouts["7b"], "--max-model-len", "80000", *raised)[0] == 0
 
 
+def test_a_vision_cache_larger_than_the_memory_left_outside_the_kv_budget_is_refused(capsys, layouts):
+    fixed = ("--cluster", "1xL4", "--gpu-memory-utilization", "0.99", "--max-model-len", "8192")
+    code, report = plan(capsys, layouts["7b"], *fixed)  # 1% of 24 GB: 0.22 GiB, under the 512 MiB default
+    assert code == 2 and report["errors"][0]["code"] == "vision_cache"
+    assert "--vision-cache-mib 512" in report["errors"][0]["message"]
+    smaller = report["errors"][0]["fix"].split("--vision-cache-mib to ")[1].split()[0]
+    assert 0 < int(smaller) < 512
+    assert plan(capsys, layouts["7b"], *fixed, "--vision-cache-mib", smaller)[0] == 0
+
+
 def test_a_model_that_cannot_fit_names_the_smallest_gpu_count(capsys, layouts):
     code, report = plan(capsys, layouts["72b"], "--cluster", "1xRTX4090")
     assert code == 2 and report["errors"][0]["code"] == "out_of_memory"
