@@ -2,6 +2,7 @@
 
 import base64
 import os
+import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.media import fetch
 from vlserve.media.fetch import MediaPolicy, _host_allowed, content_hash, fetch_bytes
 
 PAYLOAD = b"\x89PNG fake image bytes" * 10
@@ -51,17 +53,28 @@ def test_local_media_disabled_without_root(root):
     ids=["absolute", "dotdot", "relative-dotdot", "file-url", "etc-passwd"],
 )
 def test_local_path_outside_root(root, make_source):
-    with pytest.raises(MediaError, match="outside --allowed-local-media-path .*wider --allowed-local-media-path"):
-        fetch_bytes(make_source(root), MediaPolicy(allowed_local_media_path=str(root)))
+    source = make_source(root)
+    with pytest.raises(MediaError, match=r"outside the folder the server allows \(--allowed-local-media-path\); "
+                                         ".*wider --allowed-local-media-path") as err:
+        fetch_bytes(source, MediaPolicy(allowed_local_media_path=str(root)))
+    assert_no_server_paths(str(err.value), source, root)
+
+
+def assert_no_server_paths(message: str, source: str, root) -> None:
+    """The message may echo what the client sent, never the server's root or a path the server resolved."""
+    rest = message.replace(repr(source), "")
+    assert str(root) not in rest and os.path.realpath(root) not in rest
+    assert "secret.txt" not in rest and "/dev/" not in rest
 
 
 def test_symlink_pointing_outside_root(root):
     os.symlink(root.parent / "secret.txt", root / "link.png")
     os.symlink(root.parent, root / "up")
     policy = MediaPolicy(allowed_local_media_path=str(root))
-    for source in (str(root / "link.png"), str(root / "up" / "secret.txt")):
-        with pytest.raises(MediaError, match="outside --allowed-local-media-path"):
+    for source in (str(root / "link.png"), str(root / "up" / "secret.txt"), "link.png"):
+        with pytest.raises(MediaError, match="outside the folder the server allows") as err:
             fetch_bytes(source, policy)
+        assert_no_server_paths(str(err.value), source, root)
 
 
 def test_symlinked_root_and_inside_links_work(root, tmp_path):
@@ -72,11 +85,110 @@ def test_symlinked_root_and_inside_links_work(root, tmp_path):
 
 
 def test_local_file_missing_or_too_large(root):
-    with pytest.raises(MediaError, match="cannot read local media"):
-        fetch_bytes(str(root / "missing.png"), MediaPolicy(allowed_local_media_path=str(root)))
+    with pytest.raises(MediaError, match="cannot read local media 'missing.png': No such file or directory$"):
+        fetch_bytes("missing.png", MediaPolicy(allowed_local_media_path=str(root)))
     small = MediaPolicy(allowed_local_media_path=str(root), max_bytes=10)
     with pytest.raises(MediaTooLargeError, match="max_bytes"):
         fetch_bytes(str(root / "a.png"), small)
+
+
+def test_unreadable_file_names_no_server_path(root):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    (root / "locked.png").write_bytes(PAYLOAD)
+    os.chmod(root / "locked.png", 0)
+    with pytest.raises(MediaError, match="cannot read local media 'locked.png': Permission denied$"):
+        fetch_bytes("locked.png", MediaPolicy(allowed_local_media_path=str(root)))
+
+
+def fetch_within(seconds: float, source: str, policy: MediaPolicy) -> BaseException | None:
+    """fetch_bytes in a thread, failing the test if it has not returned after `seconds` (a blocked open)."""
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            fetch_bytes(source, policy)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"fetch_bytes({source!r}) still running after {seconds} s: it blocked"
+    return outcome[0]
+
+
+@pytest.mark.timeout(20)
+def test_fifo_refused_without_blocking(root):
+    os.mkfifo(root / "pipe.mp4")
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    start = time.perf_counter()
+    error = fetch_within(5, "pipe.mp4", policy)
+    assert isinstance(error, MediaError)
+    assert "local media 'pipe.mp4' is not a regular file (a FIFO, device or socket)" in str(error)
+    assert time.perf_counter() - start < 1
+
+
+def stat_as(monkeypatch, path, other) -> None:
+    """os.stat(path) answers for `other`: as if `path` were swapped between fetch's stat and its open."""
+    real_stat = os.stat
+    target = os.path.realpath(path)
+    monkeypatch.setattr(fetch.os, "stat", lambda p, *a, **k: real_stat(other if p == target else p, *a, **k))
+
+
+@pytest.mark.timeout(20)
+def test_fifo_swapped_in_after_the_check_is_refused_without_blocking(root, monkeypatch):
+    # the race: the path is a regular file when stat-ed, a FIFO when opened; the open must not block
+    os.mkfifo(root / "pipe.mp4")
+    stat_as(monkeypatch, root / "pipe.mp4", root / "a.png")
+    error = fetch_within(5, "pipe.mp4", MediaPolicy(allowed_local_media_path=str(root)))
+    assert isinstance(error, MediaError) and "not a regular file" in str(error)
+
+
+def test_file_swapped_after_the_check_is_refused(root, monkeypatch):
+    (root / "b.png").write_bytes(PAYLOAD)
+    stat_as(monkeypatch, root / "b.png", root / "a.png")
+    with pytest.raises(MediaError, match="'b.png' changed while being opened; send the request again"):
+        fetch_bytes("b.png", MediaPolicy(allowed_local_media_path=str(root)))
+
+
+def test_folder_refused(root):
+    (root / "sub").mkdir()
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    for source in ("sub", str(root / "sub"), str(root)):
+        with pytest.raises(MediaError, match="is a folder; send the path of an image or video file") as err:
+            fetch_bytes(source, policy)
+        assert_no_server_paths(str(err.value), source, root)
+
+
+def test_socket_refused(root):
+    import socket
+
+    path = root / "s.sock"
+    if len(str(path)) > 100:
+        pytest.skip("socket paths are limited to ~108 bytes")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        with pytest.raises(MediaError, match="not a regular file"):
+            fetch_bytes("s.sock", MediaPolicy(allowed_local_media_path=str(root)))
+
+
+@pytest.mark.timeout(20)
+def test_device_refused(root):
+    # a link inside the root to a device resolves outside the root: refused before any stat or open
+    os.symlink("/dev/zero", root / "zero.png")
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    with pytest.raises(MediaError, match="outside the folder the server allows") as err:
+        fetch_bytes("zero.png", policy)
+    assert_no_server_paths(str(err.value), "zero.png", root)
+    # a device node inside the root (only root may make one): refused as not a regular file, never read
+    try:
+        os.mknod(root / "null.png", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    except (PermissionError, OSError):
+        return
+    error = fetch_within(5, "null.png", policy)
+    assert isinstance(error, MediaError) and "not a regular file (a FIFO, device or socket)" in str(error)
 
 
 def test_file_url_with_remote_host(root):

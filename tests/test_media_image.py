@@ -4,6 +4,7 @@
 import base64
 import io
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -22,8 +23,10 @@ from vlserve.media.image import (
     CLIP_STD,
     load_image,
     normalize_patches,
+    image_resize,
     open_image,
     patchify,
+    probe_image,
     process_image,
     smart_resize,
 )
@@ -268,3 +271,113 @@ def test_source_pixel_limit_checked_from_header():
     with pytest.raises(MediaTooLargeError, match="max_source_pixels"):
         open_image(encode(Image.new("RGB", (2000, 1000))), MediaOptions(max_source_pixels=1000 * 1000))
     assert time.perf_counter() - start < 0.5
+
+
+# ---- header-only probe
+
+
+def exif_rotated_jpeg() -> bytes:
+    # orientation 6 (rotate 90): neither we nor transformers' processor apply it, so the header size is the size
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(noise(300, 200)), "JPEG", exif=exif)
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(noise(90, 60, seed=i)).quantize(32) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+PROBED = {
+    "png-rgb": lambda: encode(Image.fromarray(noise(640, 480))),
+    "png-rgba": lambda: encode(rgba_with_transparency()),
+    "png-palette": lambda: encode(palette_with_transparency()),
+    "png-L": lambda: encode(Image.fromarray(noise(75, 40, channels=1), "L")),
+    "png-1x1": lambda: encode(Image.new("RGB", (1, 1), (9, 9, 9))),
+    "png-28x5000": lambda: encode(Image.new("RGB", (28, 5000))),
+    "png-4000x3000": lambda: encode(Image.new("RGB", (4000, 3000), (1, 2, 3))),
+    "jpeg": lambda: encode(Image.fromarray(noise(333, 777)), "JPEG"),
+    "jpeg-exif-rotated": exif_rotated_jpeg,
+    "jpeg-progressive-cmyk": lambda: encode(Image.fromarray(noise(120, 80, channels=4), "CMYK"), "JPEG",
+                                            progressive=True),
+    "webp": lambda: encode(Image.fromarray(noise(200, 150)), "WEBP"),
+    "webp-rgba": lambda: encode(rgba_with_transparency(), "WEBP", lossless=True),
+    "gif-animated": animated_gif,
+    "bmp": lambda: encode(Image.fromarray(noise(57, 31)), "BMP"),
+    "tiff": lambda: encode(Image.fromarray(noise(1280, 720)), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("options", [DEFAULTS, DEFAULTS.updated({"min_pixels": 256 * 784, "max_pixels": 512 * 784})],
+                         ids=["defaults", "256-512"])
+@pytest.mark.parametrize("name", sorted(PROBED))
+def test_probe_equals_process(name, options):
+    data = PROBED[name]()
+    assert probe_image(data, options) == process_image(data, options).grid_thw
+
+
+def test_exif_orientation_is_not_applied(hf):
+    data = exif_rotated_jpeg()
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6
+    item = process_image(data, DEFAULTS)
+    assert probe_image(data, DEFAULTS) == item.grid_thw == image_resize(200, 300, DEFAULTS).grid_thw == (1, 14, 22)
+    assert_same_as(item, Image.open(io.BytesIO(data)), hf)  # transformers does not rotate either
+
+
+def test_image_resize_is_the_rule_process_image_uses():
+    image = Image.fromarray(noise(333, 777))
+    item = process_image(image, DEFAULTS)
+    resize = image_resize(777, 333, DEFAULTS)
+    assert (resize.height, resize.width) == smart_resize(777, 333, DEFAULTS.min_pixels, DEFAULTS.max_pixels)
+    assert resize.grid_thw == item.grid_thw == (1, resize.height // 14, resize.width // 14)
+
+
+def test_probe_refuses_a_huge_header_without_decoding():
+    data = png_header_only(9000, 9000)
+    start = time.perf_counter()
+    with pytest.raises(MediaTooLargeError, match=r"9000x9000 .* \(max_source_pixels\); downscale it"):
+        probe_image(data, DEFAULTS)
+    with pytest.raises(MediaTooLargeError, match="Downscale it before sending"):
+        probe_image(png_header_only(30000, 30000), DEFAULTS)  # Pillow's own bomb limit
+    assert time.perf_counter() - start < 0.5
+    # under the limit, a header whose pixel data is missing still probes: its size is all the probe reads
+    assert probe_image(png_header_only(4000, 4000), DEFAULTS) == image_resize(4000, 4000, DEFAULTS).grid_thw
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (b"just some text\n" * 10, MediaError, "not in a supported format; send one of: JPEG"),
+    (b"", MediaError, "not in a supported format"),
+    (encode(Image.new("RGB", (4020, 20))), MediaError, "max_aspect_ratio"),
+    (encode(Image.new("RGB", (8, 8)), "ICO"), MediaError, "not in a supported format"),  # not in FORMATS
+])
+def test_probe_refuses_what_process_image_refuses(data, error, message):
+    for call in (probe_image, process_image):
+        with pytest.raises(error, match=message):
+            call(data, DEFAULTS)
+
+
+def test_probe_reads_no_pixels():
+    data = encode(Image.new("RGB", (4000, 4000), (200, 10, 10)))  # compresses to a few kB; decoded: 48 MB
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        grid = probe_image(data, DEFAULTS)
+        probe_s = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20, f"probe_image allocated {peak:,} bytes"
+    start = time.perf_counter()
+    assert process_image(data, DEFAULTS).grid_thw == grid
+    assert probe_s * 20 < time.perf_counter() - start
+
+
+def test_a_request_cannot_upscale_a_tiny_image_past_the_server_limit():
+    tiny = encode(Image.new("RGB", (1, 1)))
+    with pytest.raises(MediaError, match="over the server's"):
+        DEFAULTS.tightened({"min_pixels": 3e8, "max_pixels": 3e8})
+    t, h, w = probe_image(tiny, DEFAULTS.tightened({"min_pixels": DEFAULTS.max_pixels}))  # the most it may ask
+    assert h * w * 14 * 14 <= DEFAULTS.max_pixels

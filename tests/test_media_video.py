@@ -16,7 +16,14 @@ from vlserve.media import video
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.image import CLIP_MEAN, CLIP_STD, process_image
 from vlserve.media.options import MediaOptions
-from vlserve.media.video import frame_indices, frame_max_pixels, load_video, process_video, smart_nframes
+from vlserve.media.video import (
+    frame_indices,
+    frame_max_pixels,
+    load_video,
+    probe_video,
+    process_video,
+    smart_nframes,
+)
 
 DEFAULTS = MediaOptions()
 SMALL = MediaOptions(video_min_pixels=4 * 28 * 28)  # keeps tiny test frames tiny
@@ -246,5 +253,144 @@ def test_load_video_local_file_within_allowed_root(tmp_path):
     policy = MediaPolicy(allowed_local_media_path=str(root))
     assert load_video(str(root / "clip.mp4"), policy, SMALL).content_hash == process_video(data, SMALL).content_hash
     assert load_video(data, policy, SMALL).grid_thw == (3, 4, 4)
-    with pytest.raises(MediaError, match="outside --allowed-local-media-path"):
+    with pytest.raises(MediaError, match=r"outside the folder the server allows \(--allowed-local-media-path\)"):
         load_video(str(tmp_path / "outside.mp4"), policy, SMALL)
+
+
+# --- header-only probe ----------------------------------------------------------------------------------------
+
+# the videos the tests above build, with the options they use
+PROBED = {
+    "h264-56x56-30@10": (lambda: make_video_bytes(56, 56, 30, 10), SMALL),
+    "h264-56x56-30@10-defaults": (lambda: make_video_bytes(56, 56, 30, 10), DEFAULTS),
+    "h264-9@5": (lambda: make_video_bytes(56, 56, 9, 5), SMALL),
+    "h264-3@3": (lambda: make_video_bytes(56, 56, 3, 3), SMALL),
+    "h264-40@4-fps1": (lambda: make_video_bytes(56, 56, 40, 4), SMALL.updated({"fps": 1.0})),
+    "h264-max_frames4": (lambda: make_video_bytes(56, 56, 30, 10), SMALL.updated({"max_frames": 4})),
+    "matroska-no-frame-count": (lambda: make_video_bytes(56, 56, 30, 10, container="matroska"), SMALL),
+    "mpeg4-84x56": (lambda: make_video_bytes(84, 56, 30, 10, codec="mpeg4"), DEFAULTS),
+    "320x240-defaults": (lambda: make_video_bytes(320, 240, 8, 4), DEFAULTS),
+    "320x240-per-frame-cap": (lambda: make_video_bytes(320, 240, 8, 4),
+                              DEFAULTS.updated({"video_min_pixels": 3136, "video_max_pixels": 20 * 784})),
+    "320x240-total-budget": (lambda: make_video_bytes(320, 240, 8, 4),
+                             DEFAULTS.updated({"video_min_pixels": 3136, "video_total_pixels": 4 * 20 * 784 // 2})),
+    "320x240-min-floor": (lambda: make_video_bytes(320, 240, 8, 4),
+                          DEFAULTS.updated({"video_min_pixels": 3136, "video_total_pixels": 1000})),
+    "336x308-still": (lambda: make_video_bytes(336, 308, 8, 4, paint=lambda i, w, h: moving_pattern(0, w, h)),
+                      DEFAULTS),
+    "56x84-6@2": (lambda: make_video_bytes(56, 84, 6, 2), SMALL),
+    "faststart-complete": (lambda: make_video_bytes(56, 56, 30, 10, faststart=True), SMALL),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBED))
+def test_probe_equals_process(name):
+    make, options = PROBED[name]
+    data = make()
+    assert probe_video(data, options) == process_video(data, options).grid_thw
+
+
+def test_probe_decodes_no_frame(monkeypatch):
+    data = make_video_bytes(320, 240, 30, 10, faststart=True)
+    header_only = data[: frame_data_offset(data)]  # no frame data at all: only the container's word
+    assert probe_video(header_only, DEFAULTS) == probe_video(data, DEFAULTS) == (3, 20, 28)
+    monkeypatch.setattr(av.Packet, "decode", None, raising=False)  # any decode would fail now
+    assert probe_video(data, DEFAULTS) == (3, 20, 28)
+
+
+def test_probe_trusts_the_container_where_process_decodes():
+    # documented disagreements: the caller re-checks the item that process_video returns
+    data = make_video_bytes(56, 56, 30, 10, paint=grey_ramp(30), faststart=True)
+    cut = data[: len(data) - 20]  # promises 30 frames (3 s: 6 sampled), 29 decode (2.9 s: 4 sampled)
+    assert probe_video(cut, SMALL) == (3, 4, 4)
+    assert process_video(cut, SMALL).grid_thw == (2, 4, 4)
+    header_only = data[: frame_data_offset(data)]
+    assert probe_video(header_only, SMALL) == (3, 4, 4)
+    with pytest.raises(MediaError, match="no decodable frames"):
+        process_video(header_only, SMALL)
+
+
+def test_probe_without_frame_size_in_the_header_reads_the_first_frame(monkeypatch):
+    data = make_video_bytes(84, 56, 30, 10)
+    real_probe = video._probe
+    monkeypatch.setattr(video, "_probe", lambda d, o: real_probe(d, o)._replace(width=0, height=0))
+    assert probe_video(data, DEFAULTS) == process_video(data, DEFAULTS).grid_thw == (3, 20, 28)
+    cut = make_video_bytes(56, 56, 30, 10, faststart=True)
+    with pytest.raises(MediaError, match="no decodable frames"):
+        probe_video(cut[: frame_data_offset(cut)], DEFAULTS)
+
+
+@pytest.mark.parametrize("make, options, error, message", [
+    (lambda: np.random.default_rng(0).bytes(5000), DEFAULTS, MediaError, "could not read the video"),
+    (make_audio_only_bytes, DEFAULTS, MediaError, "no video stream; send a video"),
+    (lambda: make_video_bytes(56, 56, 1, 10), DEFAULTS, MediaError, "send a single frame as an image"),
+    (lambda: make_video_bytes(320, 240, 30, 10), replace(DEFAULTS, max_source_pixels=320 * 240 - 1),
+     MediaTooLargeError, r"320x240 = 76,800 pixels.*\(max_source_pixels\)"),
+    (lambda: make_video_bytes(84, 56, 8, 4), replace(DEFAULTS, max_aspect_ratio=1.2), MediaError,
+     r"aspect ratio 1.5 is over the limit of 1.2 \(max_aspect_ratio\)"),
+    (lambda: make_video_bytes(56, 56, 30, 10), DEFAULTS.updated({"max_frames": 1, "min_frames": 1}), MediaError,
+     "max_frames is 1; it must be at least 2"),
+])
+def test_probe_refuses_what_process_refuses(make, options, error, message):
+    data = make()
+    for call in (probe_video, process_video):
+        with pytest.raises(error, match=message):
+            call(data, options)
+
+
+def test_probe_refuses_too_many_frames(monkeypatch):
+    monkeypatch.setattr(video, "MAX_SOURCE_FRAMES", 20)
+    for data in (make_video_bytes(56, 56, 30, 10), make_video_bytes(56, 56, 30, 10, container="matroska")):
+        with pytest.raises(MediaTooLargeError, match="more than 20 frames; send a shorter clip"):
+            probe_video(data, DEFAULTS)
+
+
+def test_a_request_cannot_ask_for_more_frames_or_pixels_than_the_server():
+    data = make_video_bytes(56, 56, 300, 10)  # 30 s
+    server = SMALL.updated({"max_frames": 16, "fps": 1.0, "video_total_pixels": 16 * 784})
+    for key, value in [("max_frames", 768), ("min_frames", 768), ("fps", 30), ("video_total_pixels", 10**9),
+                       ("video_max_pixels", 10**9), ("video_min_pixels", 10**9)]:
+        with pytest.raises(MediaError, match=f"mm_processor_kwargs {key} .* is over the server's"):
+            server.tightened({key: value})
+    assert probe_video(data, server.tightened({"max_frames": 16, "fps": 1.0}))[0] <= 8
+
+
+# --- PyAV compatibility ---------------------------------------------------------------------------------------
+
+
+def test_pyav_without_metadata_errors_keyword(monkeypatch):
+    # PyAV 19 removed av.open's metadata_errors: the first refusal drops the keyword, for good
+    data = make_video_bytes(56, 56, 30, 10)  # before av.open is replaced: writing uses it too
+    real_open = av.open
+    calls = []
+
+    def pyav19_open(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", pyav19_open)
+    monkeypatch.setattr(video, "_AV_OPEN_KWARGS", dict(video._AV_OPEN_KWARGS))  # restored after the test
+    assert process_video(data, SMALL).grid_thw == probe_video(data, SMALL) == (3, 4, 4)
+    assert calls[:2] == [["metadata_errors"], []] and calls[2:] == [[]] * (len(calls) - 2)
+
+
+def test_pyav_with_metadata_errors_keeps_using_it(monkeypatch):
+    data = make_video_bytes(56, 56, 30, 10)
+    real_open = av.open
+    calls = []
+    monkeypatch.setattr(av, "open", lambda *a, **k: calls.append(sorted(k)) or real_open(*a, **k))
+    process_video(data, SMALL)
+    assert calls and all(kwargs == ["metadata_errors"] for kwargs in calls)
+
+
+def test_other_type_errors_from_av_open_are_not_swallowed(monkeypatch):
+    def broken_open(*args, **kwargs):
+        raise TypeError("something else")
+
+    monkeypatch.setattr(av, "open", broken_open)
+    monkeypatch.setattr(video, "_AV_OPEN_KWARGS", dict(video._AV_OPEN_KWARGS))
+    with pytest.raises(TypeError, match="something else"):
+        process_video(b"x", SMALL)
+    assert video._AV_OPEN_KWARGS == {"metadata_errors": "replace"}

@@ -1,9 +1,19 @@
-"""Safe media sources: local files under one root, allowed domains only, byte limits, no redirects."""
+"""Safe media sources: local files under one root, allowed domains only, byte limits, no redirects.
+
+Contracts:
+- Local media is read only from a regular file whose resolved path (symlinks and `..` resolved) lies under
+  --allowed-local-media-path; FIFOs, devices, sockets and folders are refused without blocking (the path is
+  stat-ed before opening, opened non-blocking, and the opened file checked again).
+- Error messages hold only what the client sent (shortened) and the flag to change, never a path the server
+  resolved or the server's own folder.
+- Every source is read up to policy.max_bytes (+1 to detect overflow): MediaTooLargeError beyond.
+"""
 
 import base64
 import functools
 import hashlib
 import os
+import stat
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -74,17 +84,40 @@ def _read_local(path: str, source: str, policy: MediaPolicy) -> bytes:
     real = os.path.realpath(os.path.join(root, path))
     if os.path.commonpath([root, real]) != root:
         raise MediaError(
-            f"local media {source!r} resolves to {real!r}, outside --allowed-local-media-path {root!r}; "
-            "move the file under that directory or start the server with a wider --allowed-local-media-path"
+            f"local media {_short(source)!r} is outside the folder the server allows (--allowed-local-media-path); "
+            "move the file into that folder or start the server with a wider --allowed-local-media-path"
         )
     try:
-        with open(real, "rb") as f:
-            data = f.read(policy.max_bytes + 1)  # bounded even for /dev/zero-like files
-    except OSError as e:
-        raise MediaError(f"cannot read local media {source!r}: {e.strerror or e}") from e
+        data = _read_regular_file(real, source, policy.max_bytes + 1)  # +1: bounded, yet overflow shows
+    except OSError as e:  # e.strerror only: str(e) would show the resolved path
+        raise MediaError(f"cannot read local media {_short(source)!r}: {e.strerror or type(e).__name__}") from e
     if len(data) > policy.max_bytes:
-        raise _too_large(f"local media {source!r}", policy)
+        raise _too_large(f"local media {_short(source)!r}", policy)
     return data
+
+
+def _read_regular_file(real: str, source: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file at `real`. A FIFO, device, socket or folder is refused before
+    it is opened (opening a FIFO blocks; opening some devices acts on them), and again once opened, non-blocking,
+    in case the path was swapped in between."""
+    expected = os.stat(real)
+    _require_regular(expected, source)
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        opened = os.fstat(fd)
+        _require_regular(opened, source)
+        if (opened.st_dev, opened.st_ino) != (expected.st_dev, expected.st_ino):
+            raise MediaError(f"local media {_short(source)!r} changed while being opened; send the request again")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
+
+
+def _require_regular(st: os.stat_result, source: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise MediaError(f"local media {_short(source)!r} is {kind}; send the path of an image or video file")
 
 
 def _decode_data_url(source: str, policy: MediaPolicy) -> bytes:

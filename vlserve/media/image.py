@@ -3,11 +3,21 @@
 transformers: RGB conversion, PIL bicubic resize on uint8, then x * (1/255) in float64 cast to float32,
 (x - mean) / std in float32, patchify. We resize the same way, then patchify the uint8 pixels (moving 1-byte
 values is 4x cheaper than float32 ones) and normalize the patches with the same float32 operations.
+
+Contracts:
+- `image_resize(height, width, options)` is the one size rule: source size -> resized size and grid_thw.
+- `probe_image(data, options)` reads only the header and returns the grid_thw that `process_image(data,
+  options)` gives, refusing what `open_image` refuses before decoding (format, max_source_pixels, Pillow's
+  decompression-bomb limit, aspect ratio, empty image). EXIF orientation is not applied (transformers'
+  processor does not apply it to a PIL image either), so the header's size is the size that gets resized.
+- Errors are MediaError (MediaTooLargeError for size limits) saying what to change.
 """
 
 import io
 import math
 import warnings
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -58,22 +68,60 @@ def smart_resize(
     return h_bar, w_bar
 
 
+class Resize(NamedTuple):
+    """What preprocessing makes of an image of a given source size."""
+    height: int  # resized, a multiple of PATCH_FACTOR
+    width: int
+    grid_thw: tuple[int, int, int]  # in patches: (1, height // PATCH, width // PATCH)
+
+
+def image_resize(height: int, width: int, options: MediaOptions) -> Resize:
+    """The resized size and grid of a `height` x `width` image (smart_resize with the image options); raises
+    MediaError for an empty image or one over max_aspect_ratio."""
+    h, w = smart_resize(height, width, options.min_pixels, options.max_pixels,
+                        max_aspect_ratio=options.max_aspect_ratio)
+    return Resize(h, w, (1, h // PATCH, w // PATCH))  # grid_t 1: the image is one temporal patch
+
+
+def probe_image(data: bytes, options: MediaOptions) -> tuple[int, int, int]:
+    """grid_thw that `process_image(data, options)` would give, from the image header alone (no pixels are
+    decoded); raises what `open_image` raises before decoding. An image whose pixel data is corrupt probes
+    fine and fails later, in `process_image`."""
+    with _pillow_errors():
+        width, height = _open_header(data, options).size
+    return image_resize(height, width, options).grid_thw
+
+
 def open_image(data: bytes, options: MediaOptions) -> Image.Image:
-    """Decode `data` to RGB; an image whose header is over `options.max_source_pixels` is refused undecoded."""
+    """Decode `data` to RGB; an image whose header is over `options.max_source_pixels` (or over
+    max_aspect_ratio) is refused undecoded."""
+    with _pillow_errors():
+        image = _open_header(data, options)
+        image.load()
+        return to_rgb(image)
+
+
+def _open_header(data: bytes, options: MediaOptions) -> Image.Image:
+    """The image with only its header read, after the checks that need no pixels."""
+    image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    width, height = image.size
+    if width * height > options.max_source_pixels:
+        raise MediaTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{options.max_source_pixels:,} (max_source_pixels); downscale it before sending"
+        )
+    image_resize(height, width, options)  # empty or too elongated: refused before decoding
+    return image
+
+
+@contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's many exception types as MediaError; Pillow's bomb warning silenced (max_source_pixels rules)."""
     try:
         with warnings.catch_warnings():
-            # the max_source_pixels check below is the rule; Pillow's bomb warning would only be noise
             # (the filter is process-wide: should a concurrent call leave it on, that is harmless too)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-            width, height = image.size
-            if width * height > options.max_source_pixels:
-                raise MediaTooLargeError(
-                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{options.max_source_pixels:,} (max_source_pixels); downscale it before sending"
-                )
-            image.load()
-            return to_rgb(image)
+            yield
     except MediaError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own limit, checked inside Image.open
@@ -131,9 +179,7 @@ def process_image(image: Image.Image | bytes, options: MediaOptions, source_hash
     else:
         source_hash = source_hash or content_hash(image.mode, f"{image.width}x{image.height}", image.tobytes())
         image = to_rgb(image)
-    height, width = smart_resize(
-        image.height, image.width, options.min_pixels, options.max_pixels, max_aspect_ratio=options.max_aspect_ratio
-    )
+    height, width, _ = image_resize(image.height, image.width, options)
     if image.size != (width, height):  # Pillow's same-size resize is a plain copy
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     frame = np.asarray(image).transpose(2, 0, 1)  # (C, H, W) view of Pillow's (H, W, C)

@@ -1,5 +1,17 @@
-"""Preprocessing options: the server's defaults, overridable per request (`mm_processor_kwargs`)."""
+"""Preprocessing options: the server's defaults, overridable per request (`mm_processor_kwargs`).
 
+Contracts:
+- `MediaOptions.updated(overrides)` is for the server's own settings (--mm-processor-kwargs, `LLM(...)`): any
+  known key except the decoding guards in SERVER_LIMITS may be set to any positive, finite number.
+- `MediaOptions.tightened(overrides)` is for what a request sends: the same key and value checks, and no value
+  may raise a ceiling of the server's options (`self`), see CEILINGS. A request can ask for less work than the
+  server allows (fewer pixels, frames, a lower fps), never more: a 100-byte request must not be able to make
+  the server upscale a 1x1 image to 3e8 pixels.
+- Every option set that either returns passes `validate()` (each minimum at most its maximum).
+- Errors are MediaError whose message names the key, the value and what to change.
+"""
+
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -7,6 +19,17 @@ from vlserve.errors import MediaError
 
 PATCH_FACTOR = 28  # patch 14 x merge 2: image sides are multiples of this
 SERVER_LIMITS = ("max_source_pixels", "max_aspect_ratio")  # guards a request must not loosen
+# per-request key -> the server option its value may not exceed (`tightened`)
+CEILINGS = {
+    "min_pixels": "max_pixels",
+    "max_pixels": "max_pixels",
+    "video_min_pixels": "video_max_pixels",
+    "video_max_pixels": "video_max_pixels",
+    "video_total_pixels": "video_total_pixels",
+    "min_frames": "max_frames",
+    "max_frames": "max_frames",
+    "fps": "fps",
+}
 
 
 @dataclass(frozen=True)
@@ -26,9 +49,31 @@ class MediaOptions:
     max_aspect_ratio: float = 200.0
 
     def updated(self, overrides: dict[str, Any] | None) -> "MediaOptions":
-        """Apply `mm_processor_kwargs`; unknown keys and bad values are errors naming the key."""
+        """The server's own settings: apply `mm_processor_kwargs` from a flag; unknown keys and bad values are
+        errors naming the key. Per-request kwargs go through `tightened` instead."""
         if not overrides:
             return self
+        opts = replace(self, **self._clean(overrides))
+        opts.validate()
+        return opts
+
+    def tightened(self, overrides: dict[str, Any] | None) -> "MediaOptions":
+        """A request's `mm_processor_kwargs` applied to the server's options (`self`): as `updated`, and each
+        value must be at most the server's value of the option it is bounded by (CEILINGS), so a request can
+        only lower the work per image or video."""
+        if not overrides:
+            return self
+        clean = self._clean(overrides)
+        for key, value in clean.items():
+            self._check_ceiling(key, value)
+        opts = replace(self, **clean)
+        opts.validate()
+        return opts
+
+    def _clean(self, overrides: dict[str, Any]) -> dict[str, int | float]:
+        """Keys checked against the fields, values converted to each field's type."""
+        if not isinstance(overrides, dict):
+            raise MediaError(f"mm_processor_kwargs must be an object of key: number, got {type(overrides).__name__}")
         known = {f.name: f.type for f in fields(self)}
         clean = {}
         for key, value in overrides.items():
@@ -37,19 +82,45 @@ class MediaOptions:
             if key not in known:
                 allowed = sorted(set(known) - set(SERVER_LIMITS))
                 raise MediaError(f"unknown mm_processor_kwargs key {key!r}; known keys: {', '.join(allowed)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise MediaError(f"mm_processor_kwargs[{key!r}] must be a positive number, got {value!r}")
-            clean[key] = float(value) if known[key] in (float, "float") else int(value)
-        opts = replace(self, **clean)
-        opts.validate()
-        return opts
+            clean[key] = _positive(key, value, float if known[key] in (float, "float") else int)
+        return clean
+
+    def _check_ceiling(self, key: str, value: int | float) -> None:
+        ceiling = CEILINGS[key]
+        limit = getattr(self, ceiling)
+        if value > limit:
+            which = "limit" if key == ceiling else ceiling
+            raise MediaError(
+                f"mm_processor_kwargs {key} {_show(value)} is over the server's {which} of {_show(limit)}; "
+                f"ask for at most that, or start the server with a larger "
+                f"--mm-processor-kwargs '{{\"{ceiling}\": ...}}'"
+            )
 
     def validate(self) -> None:
-        if self.min_pixels > self.max_pixels:
-            raise MediaError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
-        if self.video_min_pixels > self.video_max_pixels:
-            raise MediaError(
-                f"video_min_pixels ({self.video_min_pixels}) is larger than video_max_pixels ({self.video_max_pixels})"
-            )
-        if self.min_frames > self.max_frames:
-            raise MediaError(f"min_frames ({self.min_frames}) is larger than max_frames ({self.max_frames})")
+        """Each minimum at most its maximum; the message says which to change."""
+        for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels"),
+                          ("min_frames", "max_frames")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value > high_value:
+                raise MediaError(
+                    f"{low} ({low_value}) is larger than {high} ({high_value}); "
+                    f"set {low} to at most {high_value}, or {high} to at least {low_value}"
+                )
+
+
+def _positive(key: str, value: Any, kind: type) -> int | float:
+    """`value` as `kind` if it is a finite number > 0 (and, for an int field, still >= 1 once truncated)."""
+    bad = MediaError(f"mm_processor_kwargs[{key!r}] must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        converted = kind(value)  # int(inf), int(nan) and float(10**400) raise
+    except (OverflowError, ValueError):
+        raise bad from None
+    if (kind is float and not math.isfinite(converted)) or converted <= 0:  # nan, inf, 0, -1, 0.5 as an int
+        raise bad
+    return converted
+
+
+def _show(value: int | float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"

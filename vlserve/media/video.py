@@ -3,13 +3,24 @@
 Frame sampling and pixel budgets follow qwen-vl-utils 0.0.14 (`smart_nframes`, `fetch_video`). Resizing uses
 PIL's bicubic filter; qwen-vl-utils and transformers use torchvision's bicubic (antialiased) resize, so pixel
 values can differ by interpolation rounding while sizes, grids and token counts are identical.
+
+Contracts:
+- `probe_video(data, options)` gives the grid_thw `process_video(data, options)` would produce, from the
+  container alone (frame rate, frame count, frame size; packets may be counted, no frame is decoded), and
+  raises what process_video raises before decoding (unreadable file, no video stream, no decoder,
+  max_source_pixels, too many frames, too few frames, max_aspect_ratio). It trusts the container: when the
+  stored frame count is wrong (a cut upload) or the frames' size differs from the stream's, process_video
+  ends with another grid (it re-samples over the frames it really decodes), or fails ("no decodable frames").
+  Either way the options bound the result: at most max_frames frames, each within the per-frame budget.
+  A caller that admits work by the probe must re-check the item process_video returns.
+- Works with PyAV 18 and 19+ (19 dropped `av.open`'s metadata_errors keyword): see `_av_open`.
 """
 
 import io
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import av
 import numpy as np
@@ -18,7 +29,7 @@ from PIL import Image
 
 from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
-from vlserve.media.image import TEMPORAL_PATCH, normalize_patches, patchify, smart_resize
+from vlserve.media.image import PATCH, TEMPORAL_PATCH, normalize_patches, patchify, smart_resize
 from vlserve.media.item import MediaItem
 from vlserve.media.options import PATCH_FACTOR, MediaOptions
 
@@ -26,6 +37,7 @@ FRAME_FACTOR = TEMPORAL_PATCH  # frames go to the vision tower in pairs (one tem
 # Bound on frames decoded from one video, counting included: a tiny file can hold a huge number of
 # near-empty frames, and every one must be decoded to reach the ones we keep. ~55 minutes at 30 fps.
 MAX_SOURCE_FRAMES = 100_000
+NO_FRAMES = "the video has no decodable frames; send a complete, playable video file"
 
 
 def smart_nframes(total_frames: int, video_fps: float, options: MediaOptions) -> int:
@@ -66,10 +78,21 @@ def load_video(source: str | bytes, policy: MediaPolicy, options: MediaOptions) 
     return process_video(data, options)
 
 
+def probe_video(data: bytes, options: MediaOptions) -> tuple[int, int, int]:
+    """grid_thw that `process_video(data, options)` would give if the container tells the truth, read from the
+    container without decoding frames (see the module docstring for when the two differ)."""
+    info = _probe(data, options)
+    nframes = smart_nframes(info.frames, info.fps, options)
+    width, height = (info.width, info.height) if info.width and info.height else _first_frame_size(data, options)
+    height, width = _frame_size(height, width, frame_max_pixels(nframes, options), options)
+    return nframes // TEMPORAL_PATCH, height // PATCH, width // PATCH
+
+
 def process_video(data: bytes, options: MediaOptions, source_hash: str | None = None) -> MediaItem:
     """Decode `data`, sample and resize frames, and patchify them. `source_hash` saves re-hashing the bytes
     when the caller already has their hash."""
-    video_fps, claimed_frames = _probe(data, options)
+    info = _probe(data, options)
+    video_fps, claimed_frames = info.fps, info.frames
     sampled = _sample(data, claimed_frames, video_fps, options)
     if sampled.decoded != claimed_frames:
         # The container's frame count was wrong (a truncated upload, a careless muxer): decoding has counted
@@ -101,15 +124,32 @@ def _sample(data: bytes, total_frames: int, video_fps: float, options: MediaOpti
     indices = frame_indices(total_frames, nframes)
     frames, decoded = _decode_kept(data, indices, frame_max_pixels(nframes, options), options)
     if decoded == 0:
-        raise MediaError("the video has no decodable frames; send a complete, playable video file")
+        raise MediaError(NO_FRAMES)
     return _Sampled(frames, indices, decoded)
+
+
+# av.open keywords, dropped the first time PyAV refuses them (PyAV 19 removed metadata_errors)
+_AV_OPEN_KWARGS = {"metadata_errors": "replace"}  # a title in a legacy encoding must not make the video unreadable
+
+
+def _av_open(data: bytes) -> av.container.InputContainer:
+    """av.open on `data`, with metadata_errors where this PyAV has it (feature-detected on first use)."""
+    global _AV_OPEN_KWARGS
+    kwargs = _AV_OPEN_KWARGS
+    if kwargs:
+        try:
+            return av.open(io.BytesIO(data), **kwargs)
+        except TypeError as e:
+            if "metadata_errors" not in str(e):
+                raise
+            _AV_OPEN_KWARGS = {}  # an unknown keyword: this PyAV (19+) decodes metadata leniently on its own
+    return av.open(io.BytesIO(data))
 
 
 @contextmanager
 def _open(data: bytes) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     try:
-        # metadata_errors: a title in a legacy encoding must not make the video unreadable
-        container = av.open(io.BytesIO(data), metadata_errors="replace")
+        container = _av_open(data)
     except av.FFmpegError as e:
         raise MediaError(f"could not read the video ({e}); send an mp4, webm, mkv or mov file") from e
     with container:
@@ -121,13 +161,31 @@ def _open(data: bytes) -> Iterator[tuple[av.container.InputContainer, av.VideoSt
         yield container, stream
 
 
-def _probe(data: bytes, options: MediaOptions) -> tuple[float, int]:
-    """(frames per second, frame count) from the container, refusing oversize frames before any decoding."""
+class _StreamInfo(NamedTuple):
+    fps: float
+    frames: int  # as the container says (or its packets, counted)
+    width: int  # as the stream's header says; 0 if it does not say
+    height: int
+
+
+def _probe(data: bytes, options: MediaOptions) -> _StreamInfo:
+    """What the container says of its first video stream, refusing oversize frames before any decoding."""
     with _open(data) as (container, stream):
-        _check_source_size(stream.codec_context.width, stream.codec_context.height, options)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_source_size(width, height, options)
         total_frames = stream.frames or _count_packets(container, stream)
         _check_frame_count(total_frames)
-        return _stream_fps(stream, container, total_frames, options), total_frames
+        fps = _stream_fps(stream, container, total_frames, options)
+        return _StreamInfo(fps, total_frames, width, height)
+
+
+def _first_frame_size(data: bytes, options: MediaOptions) -> tuple[int, int]:
+    """(width, height) of the first decodable frame, for the rare stream whose header lacks its frame size."""
+    with _open(data) as (container, stream):
+        for frame in _frames(container, stream):
+            _check_source_size(frame.width, frame.height, options)
+            return frame.width, frame.height
+    raise MediaError(NO_FRAMES)
 
 
 def _stream_fps(stream: av.VideoStream, container: av.container.InputContainer, total_frames: int,
@@ -171,19 +229,20 @@ def _decode_kept(data: bytes, indices: list[int], max_pixels: float,
             _check_source_size(frame.width, frame.height, options)
             while position < len(indices) and indices[position] == decoded - 1:
                 # one size for all frames, from the first kept one, even if the stream changes resolution
-                size = size or _pil_size(frame, max_pixels, options)
+                if size is None:
+                    height, width = _frame_size(frame.height, frame.width, max_pixels, options)
+                    size = (width, height)  # PIL's order
                 kept.append(np.asarray(frame.to_image().resize(size, Image.Resampling.BICUBIC)))
                 position += 1
     return kept, decoded
 
 
-def _pil_size(frame: av.VideoFrame, max_pixels: float, options: MediaOptions) -> tuple[int, int]:
-    """(width, height) for PIL: sides multiples of 28, area within the per-frame budget."""
-    height, width = smart_resize(
-        frame.height, frame.width, min_pixels=options.video_min_pixels, max_pixels=max_pixels,
+def _frame_size(height: int, width: int, max_pixels: float, options: MediaOptions) -> tuple[int, int]:
+    """Resized (height, width) of a frame: sides multiples of 28, area within the per-frame budget."""
+    return smart_resize(
+        height, width, min_pixels=options.video_min_pixels, max_pixels=max_pixels,
         factor=PATCH_FACTOR, max_aspect_ratio=options.max_aspect_ratio,
     )
-    return width, height
 
 
 def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
