@@ -26,11 +26,11 @@ import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlserve import LLM
-from vlserve.bench.offline import drive
-from vlserve.bench.prompts import Workload, engine_inputs, make_prompts, parse_image_size
-from vlserve.config import ModelConfig
-from vlserve.media.options import MediaOptions
-from vlserve.media.template import load_tokenizer
+from vlserve.bench.offline import drive, engine_requests
+from vlserve.bench.prompts import Workload, engine_request, make_prompts, parse_image_size
+from vlserve.config import EngineConfig, ModelConfig
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.inputs import InputProcessor
 from vlserve.model.tiny import TinySpec, tiny_config, write_model_files
 from vlserve.plan.layouts import layout_config
 from vlserve.plan.memory import Weights
@@ -71,17 +71,24 @@ def write_model_folder(layout: str, out: Path) -> Path:
 
 
 def make_inputs(args, folder: Path) -> dict:
-    """workload -> (Workload, [(token ids, media)]), shared by both sides. The first request is vlserve's warm-up
-    (distinct from the measured ones: the prefix cache keeps it); transformers warms up on what it measures."""
-    tokenizer, cfg = load_tokenizer(folder), ModelConfig.from_dir(folder)
+    """workload -> (Workload, prompts, [(token ids, media)] as the input processor makes them, for transformers).
+    The first prompt is vlserve's warm-up (distinct from the measured ones: the prefix cache keeps it);
+    transformers warms up on what it measures."""
+    processor = InputProcessor.for_model(EngineConfig(model=str(folder)))
     text = {"input_len": args.input_len, "output_len": args.output_len, "temperature": 0.0}
     workloads = {"decode1": Workload(num_prompts=2, seed=1, **text),
                  "throughput": Workload(num_prompts=1 + max(args.num_requests, args.hf_batch), seed=2, **text),
                  "ttft": Workload(num_prompts=1 + args.repeats, input_len=args.image_text_len, output_len=1,
                                   image_size=parse_image_size(args.image_size), temperature=0.0, seed=3),
                  "prefill8k": Workload(num_prompts=2, input_len=args.prefill_len, output_len=1, seed=4)}
-    return {name: (w, [engine_inputs(p, tokenizer, cfg, MediaOptions()) for p in make_prompts(w, tokenizer)])
-            for name, w in workloads.items() if name in args.workloads}
+    inputs = {}
+    for name, w in workloads.items():
+        if name in args.workloads:
+            prompts = make_prompts(w, processor.tokenizer)
+            reqs = [engine_request(processor, p, SamplingParams(max_tokens=w.output_len), f"hf-{i}")
+                    for i, p in enumerate(prompts)]
+            inputs[name] = (w, prompts, [(r.prompt_token_ids, [span.item for span in r.media]) for r in reqs])
+    return inputs
 
 
 def sync(device: torch.device) -> None:
@@ -151,7 +158,7 @@ def run_hf(args, folder: Path, inputs: dict, dtype: torch.dtype, device: torch.d
                                                                 dtype=dtype).eval()
     results = {}
     with torch.inference_mode():
-        for name, (w, reqs) in inputs.items():
+        for name, (w, _, reqs) in inputs.items():
             if name == "throughput":
                 runs = [hf_kwargs([ids for ids, _ in reqs[1:1 + args.hf_batch]], [], cfg, device)]
             else:
@@ -175,27 +182,33 @@ def run_hf(args, folder: Path, inputs: dict, dtype: torch.dtype, device: torch.d
 
 # ---- vlserve ----
 def run_vlserve(args, folder: Path, inputs: dict) -> dict:
-    longest = max(len(ids) + w.output_len for w, reqs in inputs.values() for ids, _ in reqs)
-    llm = LLM(str(folder), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=longest,
-              gpu_memory_utilization=args.gpu_memory_utilization, progress=False,
-              kv_cache_memory_gib=0.05)  # the CPU smoke run's KV cache; a GPU sizes it by memory utilization
-    engine, results = llm.engine, {}
-    for name, (w, reqs) in inputs.items():
+    llm = LLM(str(folder), load_format="dummy", dtype=args.dtype, device=args.device,
+              max_model_len=longest_request(inputs), gpu_memory_utilization=args.gpu_memory_utilization,
+              progress=False, kv_cache_memory_gib=0.05)  # the CPU smoke run's KV cache; a GPU sizes it by memory
+    results = {}
+    for name, (w, prompts, _) in inputs.items():
         params = w.sampling_params()
-        drive(engine, reqs[:1], replace(w, output_len=min(w.output_len, 8)).sampling_params())  # warm-up
+        warm_up = replace(w, output_len=min(w.output_len, 8)).sampling_params()
+        drive(llm, engine_requests(llm, prompts[:1], warm_up))
         if name == "decode1":
-            (t,), _ = drive(engine, reqs[1:2], params)
+            (t,), _ = drive(llm, engine_requests(llm, prompts[1:2], params))
             results[name] = (t.output_tokens - 1) / (t.latency - t.ttft)
         elif name == "throughput":
-            timings, elapsed = drive(engine, reqs[1:1 + args.num_requests], params)
+            timings, elapsed = drive(llm, engine_requests(llm, prompts[1:1 + args.num_requests], params))
             results[name] = sum(t.output_tokens for t in timings) / elapsed
         elif name == "ttft":  # one at a time, so none waits behind another
-            results[name] = 1000 * statistics.median(drive(engine, [r], params)[0][0].ttft for r in reqs[1:])
+            results[name] = 1000 * statistics.median(drive(llm, engine_requests(llm, [p], params))[0][0].ttft
+                                                     for p in prompts[1:])
         else:
-            (t,), _ = drive(engine, reqs[1:2], params)
+            (t,), _ = drive(llm, engine_requests(llm, prompts[1:2], params))
             results[name] = t.prompt_tokens / t.latency
-    engine.shutdown()
+    llm.shutdown()
     return results
+
+
+def longest_request(inputs: dict) -> int:
+    """Prompt plus output tokens of the longest request of any workload: vlserve's --max-model-len."""
+    return max(len(ids) + w.output_len for w, _, reqs in inputs.values() for ids, _ in reqs)
 
 
 def table(args, ours: dict, theirs: dict, roofline: float) -> list[dict]:

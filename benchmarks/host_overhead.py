@@ -1,8 +1,9 @@
 """Host time per decode step: what the engine does on the CPU around the model at N running sequences.
 
 On a GPU every millisecond here is a millisecond the card waits (the 256-request run of compare_hf.py kept an H100
-busy 44% of the time). This times each phase of `LLMEngine.step` with the model's own work split off: scheduling,
-building the step's inputs, sampling, and appending tokens (detokenization, stop checks, output deltas). The
+busy 44% of the time). This times each phase of a step (`LLM.step`: the engine core's step, then the output
+processor) with the model's own work split off: scheduling, building the step's inputs, sampling, appending tokens
+(stop checks, core outputs) and output processing (detokenization, stop strings, deltas). The
 model's forward and logits run on the chosen device and are reported apart; on the CPU, sampling is device work
 too (it runs on the logits' device), so its figure is shown but not counted as host time.
 
@@ -24,7 +25,7 @@ import torch
 from vlserve import LLM, SamplingParams
 from vlserve.model.tiny import TinySpec, make_tiny
 
-HOST_PHASES = ("schedule", "prepare", "append tokens")
+HOST_PHASES = ("schedule", "prepare", "append tokens", "output processing")
 SAMPLING = {
     "greedy": dict(temperature=0.0),
     "qwen": dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05),  # the checkpoints' defaults
@@ -46,22 +47,24 @@ def run(model: str, args) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     llm = LLM(model, device=args.device, progress=False, kv_cache_memory_gib=args.kv_cache_gib,
               max_num_seqs=args.seqs, max_model_len=args.prompt_len + args.steps + 64, enforce_eager=True)
-    engine = llm.engine
+    engine = llm.core
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.steps + 32, ignore_eos=True, **SAMPLING[args.sampling])
-    for _ in range(args.seqs):
-        engine.add_request([rng.randrange(100, 50_000) for _ in range(args.prompt_len)], params)
+    for i in range(args.seqs):
+        llm.submit(llm.inputs.prompt(f"host-{i}", [rng.randrange(100, 50_000) for _ in range(args.prompt_len)],
+                                     params))
     while engine.scheduler.num_waiting or any(not s.output_token_ids for s in engine.scheduler.running):
-        engine.step()  # prefill every prompt, so that each timed step decodes all sequences
+        llm.step()  # prefill every prompt, so that each timed step decodes all sequences
     phases: dict[str, float] = defaultdict(float)
     engine.scheduler.schedule = timed(phases, "schedule", engine.scheduler.schedule)
     engine.runner.prepare = timed(phases, "prepare", engine.runner.prepare)
     engine.runner.run = timed(phases, "forward + logits", engine.runner.run)
     engine.sampler = timed(phases, "sample", engine.sampler)
     engine.append_tokens = timed(phases, "append tokens", engine.append_tokens)
+    llm.outputs.process = timed(phases, "output processing", llm.outputs.process)
     start = time.perf_counter()
     for _ in range(args.steps):
-        engine.step()
+        llm.step()
     phases["step"] = time.perf_counter() - start
     return {label: seconds / args.steps for label, seconds in phases.items()}
 

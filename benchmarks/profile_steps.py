@@ -15,24 +15,26 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_hf import make_inputs, parse_args, sync, write_model_folder  # noqa: E402
+from compare_hf import longest_request, make_inputs, parse_args, sync, write_model_folder  # noqa: E402
 
 from vlserve import LLM  # noqa: E402
-from vlserve.bench.offline import drive  # noqa: E402
+from vlserve.bench.offline import drive, engine_requests  # noqa: E402
 
 
-def profile_workload(engine, name: str, workload, requests: list, device: torch.device, rows: int) -> None:
-    drive(engine, requests[:1], replace(workload, output_len=min(workload.output_len, 8)).sampling_params())
+def profile_workload(llm, name: str, workload, prompts: list, device: torch.device, rows: int) -> None:
+    drive(llm, engine_requests(llm, prompts[:1], replace(workload, output_len=min(workload.output_len, 8))
+                               .sampling_params()))
+    measured = engine_requests(llm, prompts[1:], workload.sampling_params())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         sync(device)
         start = time.perf_counter()
-        drive(engine, requests[1:], workload.sampling_params())
+        drive(llm, measured)
         sync(device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     busy = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"\n== {name}: {len(requests) - 1} request(s), wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms "
+    print(f"\n== {name}: {len(measured)} request(s), wall {wall * 1e3:.1f} ms, GPU busy {busy * 1e3:.1f} ms "
           f"({busy / wall:.0%} of the wall time)")
     if device.type == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=rows))
@@ -45,15 +47,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="profile-steps-") as tmp:
         folder = write_model_folder(args.layout, Path(tmp))
         inputs = make_inputs(args, folder)
-        longest = max(len(ids) + w.output_len for w, reqs in inputs.values() for ids, _ in reqs)
-        llm = LLM(str(folder), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=longest,
+        llm = LLM(str(folder), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=longest_request(inputs),
                   gpu_memory_utilization=args.gpu_memory_utilization, progress=False, kv_cache_memory_gib=0.05)
         print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {args.dtype}, "
               f"layout {args.layout}, torch {torch.__version__}")
-        for name, (workload, requests) in inputs.items():
+        for name, (workload, prompts, _) in inputs.items():
             count = args.num_requests if name == "throughput" else 1
-            profile_workload(llm.engine, name, workload, requests[:1 + count], device, rows=12)
-        llm.engine.shutdown()
+            profile_workload(llm, name, workload, prompts[:1 + count], device, rows=12)
+        llm.shutdown()
     return 0
 
 

@@ -10,11 +10,10 @@ import sys
 import torch
 from PIL import Image
 
-from vlserve.config import ModelConfig, resolve_dtype
+from vlserve.config import EngineConfig, ModelConfig, resolve_dtype
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.inputs import InputProcessor
 from vlserve.media.fetch import MediaPolicy
-from vlserve.media.options import MediaOptions
-from vlserve.media.positions import mrope_positions
-from vlserve.media.template import build_chat_prompt, load_chat_media, load_tokenizer
 from vlserve.model.layers.attention import AttentionMetadata
 from vlserve.model.loader import load_model
 
@@ -24,23 +23,23 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 
 cfg = ModelConfig.from_dir(model_dir)
 model = load_model(cfg, resolve_dtype("auto", device), device)
-tokenizer = load_tokenizer(model_dir)
 
 messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": "What is in this picture?"}]}]
 policy = MediaPolicy(allowed_local_media_path=os.path.dirname(image) if isinstance(image, str) else None)
-media = load_chat_media(messages, policy, MediaOptions(), cfg)
-prompt = build_chat_prompt(tokenizer, cfg, messages, media)
-positions, rope_delta = mrope_positions(prompt.token_ids, prompt.media, cfg)
+inputs = InputProcessor.for_model(EngineConfig(model=model_dir, media_policy=policy))  # what every front door uses
+request = inputs.chat("example", messages, SamplingParams(max_tokens=1))
+media = [span.item for span in request.media]
 
 with torch.no_grad():
-    media_embeds = torch.cat(model.encode_media(prompt.media))
-    ids = torch.tensor(prompt.token_ids, device=device)
-    meta = AttentionMetadata.from_lengths([len(prompt.token_ids)])
-    hidden = model(ids, positions.to(device), meta, media_embeds, model.media_mask(ids))
+    media_embeds = torch.cat(model.encode_media(media))
+    ids = torch.tensor(request.prompt_token_ids, device=device)
+    meta = AttentionMetadata.from_lengths([len(ids)])
+    hidden = model(ids, request.mrope_positions.to(device), meta, media_embeds, model.media_mask(ids))
     probs = model.compute_logits(hidden[-1:])[0].softmax(-1)
 
-print(f"{len(prompt.token_ids)} prompt tokens, {media[0].num_tokens} of them for the "
-      f"{media[0].grid_thw} image grid; rope_delta {rope_delta}; device {device}")
+tokenizer = inputs.tokenizer
+print(f"{len(ids)} prompt tokens, {media[0].num_tokens} of them for the "
+      f"{media[0].grid_thw} image grid; rope_delta {request.rope_delta}; device {device}")
 for p, token in zip(*probs.topk(5)):
     print(f"  {tokenizer.decode([int(token)])!r:>16}  {p.item():.4f}")

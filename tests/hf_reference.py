@@ -2,12 +2,15 @@
 
 import base64
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from media_samples import make_video_bytes
+from vlserve.engine.sampling_params import SamplingParams
+from vlserve.media.item import MediaItem
 
 
 def image_url(width, height, seed):
@@ -28,6 +31,18 @@ def video_url(width, height, frames, fps):
 
 def text(t):
     return {"type": "text", "text": t}
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]  # pads expanded
+    media: list[MediaItem]  # in prompt order
+
+
+def chat_prompt(processor, messages, **kwargs) -> Prompt:
+    """The prompt the input processor makes of `messages` (what the engine runs), for the reference to run too."""
+    req = processor.chat("reference", messages, SamplingParams(max_tokens=1), **kwargs)
+    return Prompt(req.prompt_token_ids, [span.item for span in req.media])
 
 
 def hf_inputs(prompt, cfg):

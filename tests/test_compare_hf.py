@@ -34,7 +34,7 @@ def test_dummy_engine_generates_without_weights(weightless):
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     out = llm.generate({"prompt_token_ids": list(range(100, 120))}, params, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5
-    llm.engine.shutdown()
+    llm.core.shutdown()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):  # auto really reads the checkpoint
         LLM(str(weightless), device="cpu", kv_cache_memory_gib=0.01, progress=False)
 

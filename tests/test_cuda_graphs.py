@@ -54,7 +54,7 @@ def test_decode_steps_get_one_row_positions(tiny_ckpt):
     """A decode step of a picture prompt: `pos + rope_delta` in one row; its prefill keeps the three rows."""
     from hf_reference import image_url, text
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False)
-    runner, shapes = llm.engine.runner, []
+    runner, shapes = llm.core.runner, []
     prepare = runner.prepare
 
     def record(scheduled):
@@ -85,7 +85,7 @@ def generate(ckpt, dtype: str, enforce_eager: bool, prompts: list[str], max_toke
               enforce_eager=enforce_eager, progress=False)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [out.outputs[0].token_ids for out in outputs], llm.engine.runner.graphs is not None
+    return [out.outputs[0].token_ids for out in outputs], llm.core.runner.graphs is not None
 
 
 @requires_cuda
@@ -127,7 +127,7 @@ def test_step_positions_over_chunks_of_mixed_batches(tiny_ckpt):
     positions equal the token-by-token form (one row when the step only decodes)."""
     from hf_reference import image_url, text
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, max_num_batched_tokens=16, enable_prefix_caching=False)
-    runner, checked = llm.engine.runner, []
+    runner, checked = llm.core.runner, []
     prepare = runner.prepare
 
     def check(scheduled):

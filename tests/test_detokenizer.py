@@ -1,13 +1,17 @@
-"""Incremental detokenization with the real Qwen2.5 tokenizer, stop strings, and the stop check."""
+"""Incremental detokenization with the real Qwen2.5 tokenizer, stop strings, and the stop rules: the core's (stop
+tokens, lengths) and the output processor's (stop strings), together as a request meets them."""
 
 import random
 
 import pytest
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS
-from vlserve.engine.detokenizer import IncrementalDetokenizer, check_stop
+from vlserve.engine.detokenizer import IncrementalDetokenizer
+from vlserve.engine.output_processor import OutputProcessor
+from vlserve.engine.request import CoreOutput, EngineRequest
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.engine.sequence import Sequence
+from vlserve.engine.stop import check_stop
 from vlserve.media.template import load_tokenizer
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -128,24 +132,24 @@ def test_stop_strings_wait_for_min_tokens(tok):
     assert "".join(deltas) == "a b a " and detok.stop_str == "b"
 
 
-def make_seq(tok, output_ids, **params) -> Sequence:
-    seq = Sequence("r", tok.encode(PROMPT), SamplingParams(**params))
-    seq.output_token_ids = list(output_ids)
-    return seq
-
-
 def finish(tok, ids, max_model_len=10_000, **params):
-    """Feeds ids as the engine does; returns (finish_reason, stop_reason, text, tokens consumed)."""
-    seq = make_seq(tok, [], **params)
-    detok = IncrementalDetokenizer(tok, seq.prompt_token_ids, seq.params)
+    """Feeds ids as the engine core (check_stop) and the output processor (text, stop strings) do; returns
+    (finish_reason, stop_reason, text, tokens consumed)."""
+    prompt, params = tok.encode(PROMPT), SamplingParams(**params)
+    max_tokens = params.max_tokens or max_model_len - len(prompt)
+    seq = Sequence("r", prompt, params, max_tokens=max_tokens)
+    outputs = OutputProcessor(tok)
+    outputs.add(EngineRequest("r", prompt, params, max_tokens))
     text = ""
     for t in ids:
         seq.output_token_ids.append(t)
-        text += detok.add(t)
-        reason = check_stop(seq, t, DEFAULT_STOP_TOKEN_IDS, max_model_len, detok)
-        if reason:
-            return reason, seq.stop_reason, text + detok.flush(), len(seq.output_token_ids)
-    return None, seq.stop_reason, text + detok.flush(), len(seq.output_token_ids)
+        reason = check_stop(seq, t, DEFAULT_STOP_TOKEN_IDS, max_model_len)
+        (out,) = outputs.process([CoreOutput("r", 0, [t], finish_reason=reason, stop_reason=seq.stop_reason)]).outputs
+        (delta,) = out.outputs
+        text += delta.text
+        if delta.finish_reason:
+            return delta.finish_reason, delta.stop_reason, text, len(seq.output_token_ids)
+    return None, None, text, len(seq.output_token_ids)  # not finished: what was safe to stream
 
 
 def test_check_stop_reasons(tok):

@@ -23,7 +23,7 @@ WITH_VIDEO = CONVERSATIONS + [[{"role": "user", "content": [video_url(112, 84, 8
 def run(llm) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
     """Greedy tokens of every conversation, and the embeddings the vision tower produced (by content hash)."""
     outputs = llm.chat(WITH_VIDEO, GREEDY, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs], dict(llm.engine.runner.vision_cache.entries)
+    return [o.outputs[0].token_ids for o in outputs], dict(llm.core.runner.vision_cache.entries)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,16 @@ def test_weights_mode_equals_one_process(tiny_ckpt, one_process, tp, pp):
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
               pipeline_parallel_size=pp, mm_encoder_tp_mode="weights")
     try:
-        assert llm.engine.runner.runner.model.visual.blocks[0].attn.heads == 2  # 4 heads split over 2 ranks
+        assert llm.core.runner.runner.model.visual.blocks[0].attn.heads == 2  # 4 heads split over 2 ranks
         tokens, embeds = run(llm)
         assert tokens == one_process[0]
         assert embeds.keys() == one_process[1].keys() and len(embeds) == 4  # 3 images and the video
         for key, expected in one_process[1].items():
             torch.testing.assert_close(embeds[key], expected, rtol=1e-5, atol=1e-5)
-        bm = llm.engine.block_manager
+        bm = llm.core.block_manager
         assert bm.num_free_blocks == bm.num_blocks
     finally:
-        llm.engine.shutdown()
+        llm.core.shutdown()
 
 
 def expected_slice(f, name: str, rank: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import hf_inputs, image_url, text, video_url
+from hf_reference import chat_prompt, hf_inputs, image_url, text, video_url
 from vlserve import LLM, SamplingParams
 from vlserve.errors import InvalidRequestError
 
@@ -41,25 +41,18 @@ def reference(tiny_ckpt):
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
     refs = []
     for conversation in CONVERSATIONS:
-        prompt = llm_prompt(llm, conversation)
-        out = hf.generate(**hf_inputs(prompt, llm.engine.model_config), max_new_tokens=MAX_NEW, do_sample=False,
+        prompt = chat_prompt(llm.inputs, conversation)
+        out = hf.generate(**hf_inputs(prompt, llm.core.model_config), max_new_tokens=MAX_NEW, do_sample=False,
                           return_dict_in_generate=True, output_logits=True)
         tokens = out.sequences[0, len(prompt.token_ids):].tolist()
         refs.append((tokens, torch.cat(out.logits).log_softmax(-1)))
     return refs
 
 
-def llm_prompt(llm, conversation):
-    from vlserve.media.template import build_chat_prompt, load_chat_media
-    cfg = llm.engine.model_config
-    media = load_chat_media(conversation, llm.engine.config.media_policy, llm.engine.config.media, cfg)
-    return build_chat_prompt(llm.tokenizer, cfg, conversation, media)
-
-
 def assert_no_leaks(llm):
-    bm = llm.engine.block_manager
+    bm = llm.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks
-    assert not llm.engine.requests and not llm.engine.scheduler.has_unfinished()
+    assert not llm.core.requests and not llm.core.scheduler.has_unfinished() and not llm.outputs.has_unfinished()
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -78,16 +71,16 @@ def test_greedy_equals_transformers(tiny_ckpt, reference, setting, device):
             top_ids = [t for t, _ in lp.top]
             assert top_ids == logprobs[step].topk(3).indices.tolist()
     if setting == "preemption":
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.core.scheduler.num_preemptions > 0
     if setting == "default":
-        assert llm.engine.block_manager.hits > 0  # the shared system prompt and the repeated picture
+        assert llm.core.block_manager.hits > 0  # the shared system prompt and the repeated picture
     assert_no_leaks(llm)
 
 
 def test_repeated_image_is_encoded_once(tiny_ckpt):
     """A picture seen before at another place in the prompt (no prefix hit) comes from the vision cache."""
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False)
-    cache = llm.engine.runner.vision_cache
+    cache = llm.core.runner.vision_cache
     llm.chat([{"role": "user", "content": [PICTURE, text("What is it?")]}], use_tqdm=False)
     assert (cache.hits, cache.misses) == (0, 1)
     llm.chat([{"role": "user", "content": [text("Look again:"), PICTURE]}], use_tqdm=False)
@@ -97,14 +90,15 @@ def test_repeated_image_is_encoded_once(tiny_ckpt):
 
 def test_abort_mid_generation_frees_blocks(tiny_ckpt):
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False)
-    engine = llm.engine
-    ids = [engine.add_request(llm.prepare(f"count to {i}")[0], SamplingParams(max_tokens=50, ignore_eos=True))
-           for i in range(4)]
+    core = llm.core
+    requests = [llm.prompt_request(f"count to {i}", SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(4)]
+    for req in requests:
+        core.add(req)
     for _ in range(3):
-        engine.step()
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
-    for request_id in ids:
-        engine.abort(request_id)
+        core.step()
+    assert core.block_manager.num_free_blocks < core.block_manager.num_blocks
+    for req in requests:
+        core.abort(req.request_id)
     assert_no_leaks(llm)
 
 
@@ -154,14 +148,14 @@ def test_invalid_sampling_params(kwargs, message):
 def test_kv_sizing_is_logged(tiny_ckpt, caplog):
     caplog.set_level("INFO", logger="vlserve.engine")
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01, max_model_len=1024)
-    per_block = llm.engine.runner.kv_bytes_per_block()  # 2 layers x K,V x 16 tokens x 2 heads x 16 dims x 4 bytes
+    per_block = llm.core.runner.kv_bytes_per_block()  # 2 layers x K,V x 16 tokens x 2 heads x 16 dims x 4 bytes
     assert per_block == 2 * 2 * 16 * 2 * 16 * 4
     blocks = int(0.01 * 2**30) // per_block
-    assert llm.engine.block_manager.num_blocks == blocks
+    assert llm.core.block_manager.num_blocks == blocks
     assert f"KV cache: {blocks} blocks of 16 tokens = {blocks * 16} tokens" in caplog.text
     assert f"max concurrency at max_model_len 1024: {blocks * 16 / 1024:.2f}x" in caplog.text
     override = LLM(str(tiny_ckpt), device="cpu", progress=False, num_gpu_blocks_override=7)
-    assert override.engine.block_manager.num_blocks == 7
+    assert override.core.block_manager.num_blocks == 7
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         override.generate("hello", SamplingParams(max_tokens=200), use_tqdm=False)
     assert_no_leaks(override)

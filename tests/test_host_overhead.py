@@ -29,8 +29,8 @@ def test_each_timed_step_decodes_every_sequence(tiny_ckpt, monkeypatch):
 
     def spying_llm(*args, **kwargs):
         llm = original(*args, **kwargs)
-        prepare = llm.engine.runner.prepare
-        llm.engine.runner.prepare = lambda scheduled: seen.append([n for _, n in scheduled]) or prepare(scheduled)
+        prepare = llm.core.runner.prepare
+        llm.core.runner.prepare = lambda scheduled: seen.append([n for _, n in scheduled]) or prepare(scheduled)
         return llm
 
     monkeypatch.setattr(host_overhead, "LLM", spying_llm)

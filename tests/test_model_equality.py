@@ -4,12 +4,10 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import hf_inputs, image_url, text, video_url
-from vlserve.config import ModelConfig
-from vlserve.media.fetch import MediaPolicy
-from vlserve.media.options import MediaOptions
+from hf_reference import chat_prompt, hf_inputs, image_url, text, video_url
+from vlserve.config import EngineConfig, ModelConfig
+from vlserve.inputs import InputProcessor
 from vlserve.media.positions import mrope_positions
-from vlserve.media.template import build_chat_prompt, load_chat_media, load_tokenizer
 from vlserve.model.layers.attention import AttentionMetadata
 from vlserve.model.loader import load_model
 
@@ -41,7 +39,7 @@ def models(request, device):
     cfg = ModelConfig.from_dir(ckpt)
     ours = load_model(cfg, torch.float32, device, progress=False)
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    return cfg, load_tokenizer(ckpt), ours, theirs
+    return cfg, InputProcessor.for_model(EngineConfig(model=str(ckpt))), ours, theirs
 
 
 def our_logits(model, prompts, cfg):
@@ -60,9 +58,8 @@ def our_logits(model, prompts, cfg):
 
 
 def build(models, case):
-    cfg, tokenizer, _, _ = models
-    media = load_chat_media(CASES[case], MediaPolicy(), MediaOptions(), cfg)
-    return build_chat_prompt(tokenizer, cfg, CASES[case], media)
+    cfg, processor, _, _ = models
+    return chat_prompt(processor, CASES[case])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

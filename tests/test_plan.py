@@ -205,8 +205,8 @@ def test_cpu_plan_matches_the_engine(capsys, tiny_ckpt):
     code, report = plan(capsys, str(tiny_ckpt), "--kv-cache-memory-gib", "0.01", "--device", "cpu")
     assert code == 0 and report["dtype"] == "float32"
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01)
-    assert report["kv_cache_tokens"] == llm.engine.block_manager.num_blocks * 16
-    assert report["memory_per_gpu"][0]["kv_bytes_per_block"] == llm.engine.runner.kv_bytes_per_block()
+    assert report["kv_cache_tokens"] == llm.core.block_manager.num_blocks * 16
+    assert report["memory_per_gpu"][0]["kv_bytes_per_block"] == llm.core.runner.kv_bytes_per_block()
 
 
 def test_plan_answers_without_torch_in_under_a_second(layouts):
@@ -249,11 +249,11 @@ def test_workers_are_spawned_never_forked(tiny_ckpt):
     a fresh interpreter started by multiprocessing's spawn."""
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01, tensor_parallel_size=2)
     try:
-        for worker in llm.engine.runner.workers:
+        for worker in llm.core.runner.workers:
             with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
                 assert b"from multiprocessing.spawn import spawn_main" in f.read()
     finally:
-        llm.engine.shutdown()
+        llm.core.shutdown()
 
 
 def test_the_printed_command_reproduces_the_plan(capsys, layouts):

@@ -85,10 +85,10 @@ for tp, pp in json.loads(sys.argv[2]):
     llm = LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
               pipeline_parallel_size=pp, distributed_executor_backend="ray")
     outputs = llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)
-    bm = llm.engine.block_manager
+    bm = llm.core.block_manager
     emit({"tokens": [o.outputs[0].token_ids for o in outputs], "leaked": bm.num_blocks - bm.num_free_blocks,
-          "nodes": sorted({w.name.split(" on ")[1] for w in llm.engine.runner.workers})})
-    llm.engine.shutdown()
+          "nodes": sorted({w.name.split(" on ")[1] for w in llm.core.runner.workers})})
+    llm.core.shutdown()
 """
 
 
@@ -117,8 +117,8 @@ def emit(result):  # one write that starts a fresh line: Ray's own messages shar
     sys.stdout.flush()
 llm = LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, pipeline_parallel_size=2,
           distributed_executor_backend="ray")
-engine = llm.engine
-engine.add_request(llm.prepare("a long story")[0], SamplingParams(max_tokens=100, ignore_eos=True))
+engine = llm.core
+engine.add(llm.prompt_request("a long story", SamplingParams(max_tokens=100, ignore_eos=True)))
 engine.step()
 emit({"pid": engine.runner.workers[0].pid, "node": engine.runner.workers[0].name})
 sys.stdin.readline()  # the test has killed the worker

@@ -5,10 +5,12 @@ import torch
 
 from vlserve.config import SchedulerConfig
 from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.request import Capacity
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.engine.scheduler import Scheduler
 from vlserve.engine.sequence import MediaSpan, Sequence, SequenceStatus
 from vlserve.errors import InvalidRequestError
+from vlserve.inputs.checks import check_fits
 from vlserve.media.item import MediaItem
 
 BS = 16
@@ -187,11 +189,11 @@ def test_abort_frees_waiting_and_running():
 
 
 def test_refuses_what_can_never_fit_the_cache():
-    sched = make_scheduler(num_blocks=4)
+    """The input processor's rule (the scheduler trusts it): a sequence that could never run to the end alone."""
+    capacity = Capacity(max_model_len=1024, num_kv_blocks=4, block_size=16)
     with pytest.raises(InvalidRequestError, match="needs 5 KV blocks of 16 tokens, but the cache holds 4"):
-        sched.add(make_seq(range(60), max_tokens=10))
-    sched.add(make_seq(range(60), max_tokens=5))  # 64 tokens, the last never computed: 4 blocks
-    assert sched.num_waiting == 1
+        check_fits(60, 10, capacity)
+    check_fits(60, 5, capacity)  # 64 tokens, the last never computed: 4 blocks
 
 
 @pytest.mark.parametrize("chunked,prefix", [(True, True), (True, False), (False, True)])

@@ -11,13 +11,11 @@ import httpx
 import openai
 import pytest
 
-from hf_reference import image_url, text, video_url
+from hf_reference import chat_prompt, image_url, text, video_url
 from live_server import live_server, wait_all_blocks_free
 from media_samples import png_header_only
-from vlserve.config import ModelConfig
-from vlserve.media.fetch import MediaPolicy
-from vlserve.media.options import MediaOptions
-from vlserve.media.template import build_chat_prompt, load_chat_media, load_tokenizer
+from vlserve.config import EngineConfig
+from vlserve.inputs import InputProcessor
 
 KEY = "sk-test-key"
 
@@ -36,9 +34,7 @@ def client(server):
 
 
 def prompt_len(ckpt, messages):
-    cfg = ModelConfig.from_dir(ckpt)
-    media = load_chat_media(messages, MediaPolicy(), MediaOptions(), cfg)
-    return len(build_chat_prompt(load_tokenizer(ckpt), cfg, messages, media).token_ids)
+    return len(chat_prompt(InputProcessor.for_model(EngineConfig(model=str(ckpt))), messages).token_ids)
 
 
 CHAT = [{"role": "user", "content": [image_url(112, 84, 1), text("What is this?")]}]
@@ -197,7 +193,9 @@ def test_killed_worker_fails_requests_and_the_server_exits(tiny_ckpt):
     """-tp 2: killing the second rank mid-generation gives the client an error event within 10 s, and the
     server exits non-zero so a supervisor restarts it (the in-process failure test checks /health's 503)."""
     with live_server(tiny_ckpt, "-tp", "2", "--disable-ui") as (base, proc):
-        workers = [p for p in children(proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        core = [p for p in children(proc.pid) if b"core_process" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert core, "no engine core process found"
+        workers = [p for p in children(core[0]) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert workers, "no spawned worker found"
         body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "ignore_eos": True,
                 "stream": True}

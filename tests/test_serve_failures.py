@@ -1,7 +1,9 @@
-"""In-process server failure paths: a full queue answers 503 + Retry-After; a dead engine turns /health 503,
+"""In-process server failure paths: a full queue answers 503 + Retry-After; a dead engine core turns /health 503,
 fails in-flight streams with an error event, and makes the server exit non-zero."""
 
 import asyncio
+import os
+import signal
 
 import httpx
 import pytest
@@ -11,7 +13,7 @@ from live_server import free_port
 from vlserve.config import EngineConfig
 from vlserve.engine.async_engine import AsyncEngine
 from vlserve.serve.api import ServerState, build_app
-from vlserve.serve.server import serve_until_done
+from vlserve.serve.lifecycle import serve_until_done
 
 LONG = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 300, "ignore_eos": True, "stream": True}
 
@@ -56,16 +58,17 @@ def test_full_queue_answers_503_with_retry_after(state):
 
 
 def test_dead_engine_fails_streams_health_and_exits_nonzero(state):
-    def broken_step():
-        raise RuntimeError("simulated worker crash")
-
     async def main():
         server, serving, c = start(state)
         await started(server)
         async with c:
-            state.engine.engine.step = broken_step
-            r = await c.post("/v1/chat/completions", json=LONG)
-            assert '"code":503' in r.text and "simulated worker crash" in r.text and r.text.endswith("[DONE]\n\n")
+            async with c.stream("POST", "/v1/chat/completions", json=LONG) as r:
+                lines = r.aiter_lines()
+                await lines.__anext__()  # the stream is open: the core is generating
+                os.kill(state.engine.core.process.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+                rest = [line async for line in lines]
+            assert any('"code":503' in line and "exited with code -9" in line for line in rest)
+            assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
             health = await c.get("/health")
             assert health.status_code == 503
             refused = await c.post("/v1/chat/completions", json={**LONG, "stream": False})

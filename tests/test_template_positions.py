@@ -20,19 +20,19 @@ from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from hf_reference import chat_prompt
 from media_samples import make_video_bytes
-from vlserve.config import ModelConfig
+from vlserve.config import EngineConfig, ModelConfig
+from vlserve.inputs import InputProcessor
 from vlserve.errors import ConfigError, InvalidRequestError, MediaError
-from vlserve.media.fetch import MediaPolicy
 from vlserve.media.item import MediaItem
-from vlserve.media.options import MediaOptions
 from vlserve.media.positions import mrope_positions
-from vlserve.media.template import build_chat_prompt, expand_media_tokens, load_chat_media, load_tokenizer
+from vlserve.media.template import (
+    check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
+)
 from vlserve.model.tiny import TinySpec, make_tiny
 
 IMAGE_PAD, VIDEO_PAD, VISION_START = 151655, 151656, 151652
-POLICY = MediaPolicy()  # data: URLs only
-OPTIONS = MediaOptions()
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -46,6 +46,11 @@ def cfg(tiny_ckpt):
 @pytest.fixture(scope="module")
 def tokenizer(tiny_ckpt):
     return load_tokenizer(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_ckpt):
+    return InputProcessor.for_model(EngineConfig(model=str(tiny_ckpt)))
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +158,16 @@ CHAT_CASES = list(chat_cases())
 
 
 @pytest.mark.parametrize("name, ours, ref, images, video", CHAT_CASES, ids=[case[0] for case in CHAT_CASES])
-def test_prompt_matches_transformers_processor(tiny_ckpt, tokenizer, cfg, hf_model, name, ours, ref, images, video):
-    media = load_chat_media(ours, POLICY, OPTIONS, cfg)
-    prompt = build_chat_prompt(tokenizer, cfg, ours, media)
+def test_prompt_matches_transformers_processor(tiny_ckpt, tokenizer, cfg, hf_model, processor, name, ours, ref,
+                                               images, video):
+    prompt = chat_prompt(processor, ours)
+    media = prompt.media
     videos = [m for m in media if m.modality == "video"]
     processor = reference_processor(tiny_ckpt, tokenizer, videos)
     ref_text = processor.apply_chat_template(ref, tokenize=False, add_generation_prompt=True)
     expected = processor(text=[ref_text], images=images or None,
                          videos=[np.zeros((4, 84, 112, 3), np.uint8)] if video else None, return_tensors="pt")
     assert prompt.token_ids == expected["input_ids"][0].tolist()
-    assert prompt.media == media
     image_grids = [list(m.grid_thw) for m in media if m.modality == "image"]
     assert image_grids == (expected["image_grid_thw"].tolist() if images else [])
     if video:
@@ -175,28 +180,29 @@ def test_prompt_matches_transformers_processor(tiny_ckpt, tokenizer, cfg, hf_mod
     assert torch.equal(positions, ref_positions[:, 0]) and delta == int(ref_delta)
 
 
-def test_generation_prompt_is_optional(tokenizer, cfg):
+def test_generation_prompt_is_optional(processor, tokenizer):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    without = build_chat_prompt(tokenizer, cfg, messages, [], add_generation_prompt=False).token_ids
-    with_ = build_chat_prompt(tokenizer, cfg, messages, []).token_ids
+    without = chat_prompt(processor, messages, add_generation_prompt=False).token_ids
+    with_ = chat_prompt(processor, messages).token_ids
     assert with_[: len(without)] == without
     assert tokenizer.decode(with_[len(without):]) == "<|im_start|>assistant\n"
 
 
-def test_part_pixel_limits_are_honoured(tokenizer, cfg):
+def test_part_pixel_limits_are_honoured(processor):
     url = png_url(picture(560, 560))
     messages = [user({"type": "image_url", "image_url": {"url": url}, "max_pixels": 112 * 112}, text("x"))]
-    [small] = load_chat_media(messages, POLICY, OPTIONS, cfg)
-    [full] = load_chat_media([user({"type": "image", "image": url})], POLICY, OPTIONS, cfg)
-    assert small.grid_thw == (1, 8, 8) and full.grid_thw == (1, 40, 40)
-    assert build_chat_prompt(tokenizer, cfg, messages, [small]).token_ids.count(IMAGE_PAD) == 16
+    small = chat_prompt(processor, messages)
+    [full] = chat_prompt(processor, [user({"type": "image", "image": url})]).media
+    assert small.media[0].grid_thw == (1, 8, 8) and full.grid_thw == (1, 40, 40)
+    assert small.token_ids.count(IMAGE_PAD) == 16
 
 
 def test_expand_raw_token_prompt(cfg):
     items = [fake_item("image", (1, 4, 6)), fake_item("video", (2, 4, 4))]
     ids = [1, VISION_START, IMAGE_PAD, 2, VISION_START, VIDEO_PAD, 3]
-    assert expand_media_tokens(ids, items, cfg) == [1, VISION_START] + [IMAGE_PAD] * 6 + [2, VISION_START] + \
-        [VIDEO_PAD] * 8 + [3]
+    expanded, spans = expand_media_tokens(ids, items, cfg)
+    assert expanded == [1, VISION_START] + [IMAGE_PAD] * 6 + [2, VISION_START] + [VIDEO_PAD] * 8 + [3]
+    assert [(s.start, s.end) for s in spans] == [(2, 8), (10, 18)]
 
 
 # ---------------------------------------------------------------- (b) positions = transformers get_rope_index
@@ -217,7 +223,8 @@ def hf_rope_index(model, token_ids: list[int], media: list[MediaItem]):
 
 def media_prompt(tokenizer, cfg, media: list[MediaItem]) -> list[int]:
     parts = [{"type": m.modality, m.modality: "unused"} for m in media]
-    return build_chat_prompt(tokenizer, cfg, [user(*parts, text("Describe what you see."))], media).token_ids
+    chat, _ = parse_messages([user(*parts, text("Describe what you see."))], cfg)
+    return expand_media_tokens(render_chat(tokenizer, cfg, chat), media, cfg)[0]
 
 
 POSITION_CASES = {
@@ -303,24 +310,24 @@ BAD_MESSAGES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_MESSAGES))
-def test_bad_messages_are_refused(tokenizer, cfg, name):
+def test_bad_messages_are_refused(processor, cfg, name):
     messages, message = BAD_MESSAGES[name]
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
-        load_chat_media(messages, POLICY, OPTIONS, cfg)
-    with pytest.raises(InvalidRequestError):
-        build_chat_prompt(tokenizer, cfg, messages, [])
+        parse_messages(messages, cfg)
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        chat_prompt(processor, messages)
 
 
 def test_text_only_model_refuses_media(tokenizer, text_cfg):
     messages = [user(text("What is this?"), IMG)]
     with pytest.raises(InvalidRequestError, match=r"messages\[0\].content\[1\] has an image or video, but the model"):
-        load_chat_media(messages, POLICY, OPTIONS, text_cfg)  # before fetching anything
+        parse_messages(messages, text_cfg)  # before fetching anything
     with pytest.raises(InvalidRequestError, match="is text-only"):
-        build_chat_prompt(tokenizer, text_cfg, messages, [])
-    with pytest.raises(InvalidRequestError, match="is text-only"):
-        expand_media_tokens([1, IMAGE_PAD], [fake_item("image", (1, 4, 4))], text_cfg)
-    assert expand_media_tokens([1, IMAGE_PAD], [], text_cfg) == [1, IMAGE_PAD]  # just a token for a text model
-    assert build_chat_prompt(tokenizer, text_cfg, [{"role": "user", "content": "hi"}], []).token_ids
+        check_placeholders([1, IMAGE_PAD], ["image"], text_cfg)
+    check_placeholders([1, IMAGE_PAD], [], text_cfg)  # just a token for a text model
+    assert expand_media_tokens([1, IMAGE_PAD], [], text_cfg)[0] == [1, IMAGE_PAD]
+    chat, _ = parse_messages([{"role": "user", "content": "hi"}], text_cfg)
+    assert render_chat(tokenizer, text_cfg, chat)
 
 
 @pytest.mark.parametrize("token_ids, media, message", [
@@ -332,19 +339,19 @@ def test_text_only_model_refuses_media(tokenizer, text_cfg):
 ])
 def test_placeholder_mismatch(cfg, token_ids, media, message):
     with pytest.raises(InvalidRequestError, match=message):
-        expand_media_tokens(token_ids, media, cfg)
+        check_placeholders(token_ids, [m.modality for m in media], cfg)
 
 
-def test_pad_token_typed_into_text_is_refused(tokenizer, cfg):
+def test_pad_token_typed_into_text_is_refused(processor):
     messages = [user(text("look: <|image_pad|>"))]
     with pytest.raises(InvalidRequestError, match="none inside text"):
-        build_chat_prompt(tokenizer, cfg, messages, [])
+        chat_prompt(processor, messages)
 
 
-def test_media_errors_name_the_part(cfg):
+def test_media_errors_name_the_part(processor):
     messages = [user(text("x"), {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})]
     with pytest.raises(MediaError, match=r"^messages\[0\]\.content\[1\]: "):
-        load_chat_media(messages, POLICY, OPTIONS, cfg)
+        chat_prompt(processor, messages)
 
 
 def test_load_tokenizer_errors_name_the_folder(tmp_path):
@@ -363,11 +370,12 @@ def test_chat_template_from_processor_file_and_missing(tiny_ckpt, cfg, tmp_path)
     refusing = "{{ raise_exception('roles must alternate') }}"
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": refusing}))
     messages = [{"role": "user", "content": "hi"}]
+    chat, _ = parse_messages(messages, cfg)
     with pytest.raises(InvalidRequestError, match="chat template refused these messages: roles must alternate"):
-        build_chat_prompt(load_tokenizer(folder), cfg, messages, [])
+        render_chat(load_tokenizer(folder), cfg, chat)
     (folder / "chat_template.json").unlink()
     with pytest.raises(InvalidRequestError, match="has no chat template"):
-        build_chat_prompt(load_tokenizer(folder), cfg, messages, [])
+        render_chat(load_tokenizer(folder), cfg, chat)
 
 
 def test_positions_require_expanded_pads(cfg):

@@ -1,22 +1,27 @@
-"""Offline API, shaped like vLLM's: `LLM(model=...)`, then `.generate(prompts)` or `.chat(messages)`."""
+"""Offline API, shaped like vLLM's: `LLM(model=...)`, then `.generate(prompts)` or `.chat(messages)`.
 
+The same three parts as the server, in one process: the input processor validates every prompt before any is
+submitted (so a bad prompt leaves nothing half-done), the engine core runs in-process, and the output processor
+turns its tokens into text.
+"""
+
+import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from vlserve.config import EngineConfig
-from vlserve.engine.llm_engine import LLMEngine
+from vlserve.engine.core import EngineCore
+from vlserve.engine.output_processor import OutputProcessor
 from vlserve.engine.outputs import RequestOutput
+from vlserve.engine.request import EngineRequest
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.errors import InvalidRequestError
+from vlserve.inputs import InputProcessor
 from vlserve.media.fetch import MediaPolicy
-from vlserve.media.image import load_image
-from vlserve.media.item import MediaItem
 from vlserve.media.options import MediaOptions
-from vlserve.media.template import build_chat_prompt, expand_media_tokens, load_chat_media
-from vlserve.media.video import load_video
+from vlserve.media.template import load_tokenizer
 
 
 class LLM:
@@ -28,9 +33,20 @@ class LLM:
         policy = MediaPolicy(allowed_local_media_path, tuple(allowed_media_domains))
         if limit_mm_per_prompt is not None:
             engine_args["limit_mm_per_prompt"] = tuple(sorted(limit_mm_per_prompt.items()))
-        self.engine = LLMEngine(EngineConfig(model=str(model), media=media, media_policy=policy, **engine_args),
-                                progress=progress)
-        self.tokenizer = self.engine.tokenizer
+        self.start(EngineConfig(model=str(model), media=media, media_policy=policy, **engine_args), progress)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = True) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.start(config, progress)
+        return llm
+
+    def start(self, config: EngineConfig, progress: bool) -> None:
+        self.tokenizer = load_tokenizer(config.model)
+        self.core = EngineCore(config, progress=progress)
+        self.inputs = InputProcessor(config, self.core.model_config, self.tokenizer, self.core.capacity)
+        self.outputs = OutputProcessor(self.tokenizer, self.core.eos_token_ids)
+        self.ids = itertools.count()
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -40,72 +56,69 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self.run([self.prepare(p) for p in prompts], sampling_params, use_tqdm)
+        params = self.params_per_prompt(sampling_params, len(prompts))
+        return self.run([self.prompt_request(p, sp) for p, sp in zip(prompts, params)], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, add_generation_prompt=True,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """OpenAI-format messages (text, image_url, video_url parts), or a list of conversations."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        cfg, prepared = self.engine.model_config, []
-        for conversation in conversations:
-            media = load_chat_media(conversation, self.engine.config.media_policy, self.engine.config.media, cfg)
-            prompt = build_chat_prompt(self.tokenizer, cfg, conversation, media, add_generation_prompt)
-            prepared.append((prompt.token_ids, prompt.media))
-        return self.run(prepared, sampling_params, use_tqdm)
+        params = self.params_per_prompt(sampling_params, len(conversations))
+        return self.run([self.inputs.chat(self.new_id(), c, p, add_generation_prompt=add_generation_prompt)
+                         for c, p in zip(conversations, params)], use_tqdm)
 
-    def prepare(self, prompt: Any) -> tuple[list[int], list[MediaItem]]:
-        if isinstance(prompt, str):
+    def prompt_request(self, prompt: Any, params: SamplingParams) -> EngineRequest:
+        if isinstance(prompt, (str, list)):
             prompt = {"prompt": prompt}
-        elif isinstance(prompt, list):
-            prompt = {"prompt_token_ids": prompt}
         if not isinstance(prompt, dict):
             raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, got "
                                       f"{type(prompt).__name__}")
-        if "prompt_token_ids" in prompt:
-            ids = list(prompt["prompt_token_ids"])
-        elif isinstance(prompt.get("prompt"), str):
-            ids = self.tokenizer(prompt["prompt"], add_special_tokens=False)["input_ids"]
-        else:
+        text = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if text is None:
             raise InvalidRequestError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'")
-        media = self.load_media(prompt.get("multi_modal_data") or {})
-        return expand_media_tokens(ids, media, self.engine.model_config), media
+        return self.inputs.prompt(self.new_id(), text, params, prompt.get("multi_modal_data"))
 
-    def load_media(self, data: dict) -> list[MediaItem]:
-        """Items in placeholder order: all images, then all videos, unless the prompt interleaves them (then pass
-        token ids through chat())."""
-        config, items = self.engine.config, []
-        for modality, loader in (("image", load_image), ("video", load_video)):
-            sources = data.get(modality, [])
-            if isinstance(sources, (str, bytes, Image.Image)):
-                sources = [sources]
-            items += [loader(s, config.media_policy, config.media) for s in sources]
-        unknown = set(data) - {"image", "video"}
-        if unknown:
-            raise InvalidRequestError(f"multi_modal_data keys must be 'image' or 'video', got {sorted(unknown)}")
-        return items
-
-    def run(self, prepared: list[tuple[list[int], list[MediaItem]]], sampling_params, use_tqdm: bool):
+    @staticmethod
+    def params_per_prompt(sampling_params, count: int) -> list[SamplingParams]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()]
         if len(params) == 1:
-            params = params * len(prepared)
-        if len(params) != len(prepared):
-            raise InvalidRequestError(f"{len(params)} SamplingParams for {len(prepared)} prompts; pass one or "
-                                      "one per prompt")
-        ids = []
-        try:
-            for (tokens, media), p in zip(prepared, params):
-                ids.append(self.engine.add_request(tokens, p, media))
-        except Exception:
-            for request_id in ids:  # all or nothing: a bad prompt leaves no half-submitted batch behind
-                self.engine.abort(request_id)
-            raise
-        return self.drain(ids, use_tqdm)
+            params = params * count
+        if len(params) != count:
+            raise InvalidRequestError(f"{len(params)} SamplingParams for {count} prompts; pass one or one per prompt")
+        return params
 
-    def drain(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def new_id(self) -> str:
+        return f"req-{next(self.ids)}"
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queues a request the input processor made; `step` moves it."""
+        self.core.add(request)
+        self.outputs.add(request)
+
+    def run(self, requests: list[EngineRequest], use_tqdm: bool) -> list[RequestOutput]:
+        for req in requests:
+            self.submit(req)
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for delta in self.engine.step():
+        with tqdm(total=len(requests), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            while self.outputs.has_unfinished():
+                for delta in self.step():
                     results.setdefault(delta.request_id, RequestOutput.start(delta)).add(delta)
                     bar.update(delta.finished)
-        return [results[i] for i in ids]
+        return [results[req.request_id] for req in requests]
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step through the output processor; samples a stop string ended are aborted in the core."""
+        processed = self.outputs.process(self.core.step())
+        for request_id, index in processed.aborts:
+            self.core.abort(request_id, index)
+        return processed.outputs
+
+    def shutdown(self) -> None:
+        """Stops the engine's workers (tensor/pipeline parallel ranks)."""
+        self.core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -19,13 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vlserve.config import ModelConfig
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.errors import ConfigError
-from vlserve.media.image import process_image
-from vlserve.media.item import MediaItem
-from vlserve.media.options import MediaOptions
-from vlserve.media.template import build_chat_prompt
 
 DATASETS = ("random", "fixed")
 WORD_TOKEN = re.compile(r"Ġ[a-z]+")  # byte-level BPE spells the leading space as Ġ; no special or media token
@@ -87,7 +82,7 @@ class BenchPrompt:
     images: list[Image.Image]
 
     def messages(self, image_part: Callable[[Image.Image], dict] = pil_image_part) -> list[dict]:
-        """One user turn, images first: PIL image parts for build_chat_prompt, or pass openai_image_part."""
+        """One user turn, images first: PIL image parts for the input processor, or pass openai_image_part."""
         return [{"role": "user", "content": [*map(image_part, self.images), {"type": "text", "text": self.text}]}]
 
 
@@ -126,11 +121,8 @@ def make_image(w: Workload, prompt_index: int, k: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
 
-def engine_inputs(prompt: BenchPrompt, tokenizer, cfg: ModelConfig, options: MediaOptions
-                  ) -> tuple[list[int], list[MediaItem]]:
-    """What LLMEngine.add_request takes."""
+def engine_request(processor, prompt: BenchPrompt, params: SamplingParams, request_id: str):
+    """The prompt through the input processor: raw text ids alone, or one chat turn with its images."""
     if not prompt.images:
-        return list(prompt.text_ids), []
-    media = [process_image(image, options) for image in prompt.images]
-    chat = build_chat_prompt(tokenizer, cfg, prompt.messages(), media)
-    return chat.token_ids, chat.media
+        return processor.prompt(request_id, list(prompt.text_ids), params)
+    return processor.chat(request_id, prompt.messages(), params)

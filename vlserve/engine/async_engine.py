@@ -1,59 +1,80 @@
-"""The engine for servers: a background thread runs model steps; callers stream deltas with `async for`.
+"""The engine for servers, in the front process: input processor (a thread pool), engine core (its own process),
+output processor (a receiver thread). Callers stream deltas with `async for`.
 
-Only the engine thread touches the scheduler and the model. Callers talk to it through a command queue, and it
-answers each request through that request's asyncio queue. If a step fails, every waiting caller gets the error
-(never a hang) and the engine refuses new work.
+    request = await engine.process(engine.inputs.chat, request_id, messages, params)  # off the event loop
+    async for delta in engine.generate(request): ...
+
+The event loop never tokenizes, decodes media or runs the model; it only hands work over. The receiver thread
+reads the core's step messages, turns them into text (output processor) and answers each request through its
+asyncio queue. If the core fails or its process dies, every waiting caller gets EngineDeadError (never a hang)
+and the engine refuses new work.
 """
 
 import asyncio
-import itertools
+import functools
 import logging
-import queue
+import os
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
-from vlserve.config import EngineConfig
-from vlserve.engine.llm_engine import LLMEngine
+from vlserve.config import EngineConfig, ModelConfig
+from vlserve.engine.core_process import CoreClient, core_error
+from vlserve.engine.ipc import AbortRequest, AddRequest, Failed, Step
+from vlserve.engine.output_processor import OutputProcessor
 from vlserve.engine.outputs import RequestOutput
-from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.request import EngineRequest
 from vlserve.errors import EngineDeadError, InvalidRequestError
-from vlserve.media.item import MediaItem
+from vlserve.inputs import InputProcessor
+from vlserve.media.template import load_tokenizer
 
 log = logging.getLogger("vlserve.engine")
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, progress: bool = True):
-        self.engine = LLMEngine(config, progress=progress)
-        self.commands: queue.Queue = queue.Queue()
-        self.wake = threading.Event()
+    def __init__(self, config: EngineConfig, progress: bool = True, input_workers: int | None = None):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.model)
+        self.core = CoreClient(config, progress)
+        self.capacity, self.stats = self.core.capacity, self.core.stats
+        self.inputs = InputProcessor(config, self.model_config, self.tokenizer, self.capacity)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.pool = ThreadPoolExecutor(input_workers or os.cpu_count() or 1, thread_name_prefix="vlserve-input")
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.lock = threading.Lock()  # the output processor and streams: the loop's thread and the receiver's
         self.error: BaseException | None = None
-        self.ids = itertools.count()
+        self.num_aborted = 0  # requests ended before finishing (client gone, cancelled)
         self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="vlserve-engine", daemon=True)
-        self.thread.start()
+        self.receiver = threading.Thread(target=self.receive, name="vlserve-outputs", daemon=True)
+        self.receiver.start()
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self.thread.is_alive()
+        return self.error is None and self.core.is_alive
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams, media: list[MediaItem] = (),
-                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Validates and submits the request now (raising InvalidRequestError at once, before anything is
-        scheduled); the returned iterator yields one delta per step in which the request moved, the last with
-        `finished=True`. Closing the iterator early (client gone, task cancelled) aborts the request and frees
-        its KV blocks; a caller that never iterates must call `abort`."""
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.streams)
+
+    async def process(self, fn, *args, **kwargs):
+        """Runs `fn` (an input processor method, a response builder) in the thread pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submits a request the input processor made; the iterator yields one delta per step in which it moved,
+        the last with `finished=True`. Closing the iterator early (client gone, task cancelled) aborts the request
+        and frees its KV blocks."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine has stopped ({self.error!r}); restart the server")
-        request_id = request_id or f"req-{next(self.ids)}"
-        if request_id in self.streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use; ids must be unique")
-        self.engine.validate(list(prompt_token_ids), params, list(media))  # pure: safe outside the engine thread
         stream: asyncio.Queue = asyncio.Queue()
-        self.streams[request_id] = (asyncio.get_running_loop(), stream)
-        self.send(("add", request_id, list(prompt_token_ids), params, list(media)))
-        return self.deltas(request_id, stream)
+        with self.lock:
+            if request.request_id in self.streams:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already in use; ids must be unique")
+            self.streams[request.request_id] = (asyncio.get_running_loop(), stream)
+            self.outputs.add(request)
+        self.core.send(AddRequest(request))
+        return self.deltas(request.request_id, stream)
 
     async def deltas(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -65,67 +86,93 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
-            self.streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self.send(("abort", request_id))
+        """Ends the request (its stream, if still read, gets a last delta with finish_reason "abort") and frees
+        its KV blocks in the core."""
+        with self.lock:
+            target = self.streams.pop(request_id, None)
+            final = self.outputs.abort(request_id)
+        if final is None:
+            return
+        self.num_aborted += 1
+        if target is not None:
+            put(*target, final)
+        self.tell_core(AbortRequest(request_id))
 
-    def cancel(self, request_id: str) -> None:
-        """Abort a submitted request whose stream will never be read."""
-        self.streams.pop(request_id, None)
-        self.abort(request_id)
+    def end_all(self, error: BaseException) -> int:
+        """Ends every open request with `error` (a stream sends it as its last event) and aborts it in the core:
+        the server's last act when its drain time runs out. Returns how many were open."""
+        with self.lock:
+            targets = list(self.streams.items())
+            self.streams.clear()
+            for request_id, _ in targets:
+                self.outputs.abort(request_id)
+        for request_id, (loop, stream) in targets:
+            self.num_aborted += 1
+            put(loop, stream, error)
+            self.tell_core(AbortRequest(request_id))
+        return len(targets)
 
-    def send(self, command: tuple) -> None:
-        self.commands.put(command)
-        self.wake.set()
+    def tell_core(self, command) -> None:
+        """A command whose loss does not matter once the core is gone (aborts: a dead core frees everything)."""
+        if self.is_alive:
+            try:
+                self.core.send(command)
+            except EngineDeadError:
+                pass
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self) -> None:
         self.stopping = True
-        self.wake.set()
-        self.thread.join(timeout)
-        self.engine.shutdown()
+        self.receiver.join(timeout=5)
+        self.core.shutdown()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---- engine thread ----
-    def run(self) -> None:
+    # ---- receiver thread ----
+    def receive(self) -> None:
         try:
             while not self.stopping:
-                self.apply_commands()
-                if not self.engine.has_unfinished():
-                    self.wake.wait(timeout=0.5)
-                    self.wake.clear()
-                    continue
-                for output in self.engine.step():
-                    self.deliver(output.request_id, output)
+                message = self.core.recv()
+                if isinstance(message, Step):
+                    self.stats = message.stats
+                    self.deliver_step(message)
+                elif isinstance(message, Failed):
+                    raise core_error(message)
+                elif message is None and not self.core.is_alive and not self.stopping:
+                    raise EngineDeadError(f"the engine core process exited with code {self.core.process.returncode};"
+                                          " restart the server")
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting caller
-            log.exception("engine step failed; failing all requests")
-            self.error = e
-            dead = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
-            for request_id in list(self.streams):
-                self.deliver(request_id, dead)
+            self.fail(e)
 
-    def apply_commands(self) -> None:
-        while True:
-            try:
-                command = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            if command[0] == "abort":
-                final = self.engine.abort(command[1])
-                if final is not None:
-                    self.deliver(final.request_id, final)
-                continue
-            _, request_id, ids, params, media = command
-            if request_id not in self.streams:  # the caller left before the engine saw the request
-                continue
-            try:
-                self.engine.add_request(ids, params, media, request_id=request_id)
-            except InvalidRequestError as e:
-                self.deliver(request_id, e)
+    def deliver_step(self, step: Step) -> None:
+        with self.lock:
+            processed = self.outputs.process(step.outputs)
+            targets = [(self.streams.get(out.request_id), out) for out in processed.outputs]
+            for out in processed.outputs:
+                if out.finished:
+                    self.streams.pop(out.request_id, None)
+        for target, out in targets:
+            if target is not None:
+                put(*target, out)
+        for request_id, index in processed.aborts:
+            self.tell_core(AbortRequest(request_id, index))
 
-    def deliver(self, request_id: str, item) -> None:
-        target = self.streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+    def fail(self, e: BaseException) -> None:
+        log.error("the engine failed; failing all requests: %s", e)
+        self.error = e
+        dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
+        with self.lock:
+            targets = list(self.streams.values())
+            self.streams.clear()
+        for loop, stream in targets:
+            put(loop, stream, dead)
+
+
+def put(loop: asyncio.AbstractEventLoop, stream: asyncio.Queue, item) -> None:
+    """Hands `item` to a caller's queue from the receiver thread (a caller whose loop has ended is gone)."""
+    try:
+        loop.call_soon_threadsafe(stream.put_nowait, item)
+    except RuntimeError:
+        pass

@@ -1,31 +1,19 @@
-"""Token ids -> streamed text, and when a sequence stops.
+"""Token ids -> streamed text, and where a stop string ends it (front process, off the engine core).
 
-Per new token the engine does:
+Per new token of a sample the output processor does:
 
-    seq.output_token_ids.append(token_id)
     delta = detok.add(token_id)  # text safe to stream ("" while a character or a possible stop string is pending)
-    finish_reason = check_stop(seq, token_id, eos_ids, max_model_len, detok)
-    if finish_reason: delta += detok.flush()
+    if detok.stop_str is not None or the core finished the sample: delta += detok.flush()
 """
 
 from transformers import PreTrainedTokenizerBase
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS
 from vlserve.engine.sampling_params import SamplingParams
-from vlserve.engine.sequence import Sequence
+from vlserve.engine.stop import is_stop_token
 
 REPLACEMENT = "\ufffd"  # what decoding yields for the bytes of a character not complete yet
 CONTEXT_TOKENS = 5  # prompt tokens decoded ahead of the output: SentencePiece drops a leading space at the start
-
-
-def stop_token_ids(params: SamplingParams, eos_ids) -> list[int]:
-    """Token ids that end a sequence: the model's EOS ids (unless ignore_eos) and the request's own."""
-    return ([] if params.ignore_eos else list(eos_ids)) + params.stop_token_ids
-
-
-def is_stop_token(params: SamplingParams, token_id: int, num_output_tokens: int, eos_ids) -> bool:
-    """`num_output_tokens` counts `token_id`; the first min_tokens outputs cannot stop the sequence."""
-    return num_output_tokens > params.min_tokens and token_id in stop_token_ids(params, eos_ids)
 
 
 class IncrementalDetokenizer:
@@ -103,22 +91,3 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self.params.stop):
                 return k
         return 0
-
-
-def check_stop(seq: Sequence, token_id: int, eos_ids, max_model_len: int,
-               detok: IncrementalDetokenizer | None = None) -> str | None:
-    """Finish reason after `token_id` was appended to seq.output_token_ids (and given to `detok`), or None.
-
-    Sets seq.stop_reason to the request's stop token id or stop string that matched (None for EOS, as vLLM)."""
-    params = seq.params
-    if is_stop_token(params, token_id, len(seq.output_token_ids), eos_ids):
-        seq.stop_reason = token_id if token_id in params.stop_token_ids else None
-        return "stop"
-    if detok is not None and detok.stop_str is not None:
-        seq.stop_reason = detok.stop_str
-        return "stop"
-    if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
-        return "length"
-    if seq.num_tokens >= max_model_len:
-        return "length"
-    return None

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS
-from vlserve.engine.detokenizer import stop_token_ids
+from vlserve.engine.stop import stop_token_ids
 from vlserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from vlserve.engine.sequence import Sequence
 

@@ -6,6 +6,10 @@ from vlserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 MAX_N = 128  # as OpenAI's n; each sample is a sequence, so an unbounded n could stall the engine
+# Stop strings are searched in every sample's text at every token: bounded, so a request cannot slow every step
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -74,10 +78,15 @@ class SamplingParams:
         if self.seed is not None:
             number("seed", self.seed, ints=True)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
+            bad("stop", f"must be a non-empty string or a list of them, got {self.stop!r}"[:200])
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            bad("stop", f"takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters "
+                        f"each, got {len(self.stop)} (longest {max(map(len, self.stop))})")
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
+            bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}"[:200])
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if self.logprobs is not None:
             number("logprobs", self.logprobs, ints=True)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:

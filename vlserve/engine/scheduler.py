@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from vlserve.config import SchedulerConfig
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.sequence import Sequence, SequenceStatus
-from vlserve.errors import InvalidRequestError
 
 
 @dataclass
@@ -59,7 +58,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        """The input processor has checked that seq fits the cache alone (inputs/checks.py check_fits): a
+        sequence that never could would block the queue's head forever."""
         self.waiting.append(seq)
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
@@ -98,8 +98,10 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
 
-    def abort(self, request_id: str) -> list[Sequence]:
-        seqs = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+    def abort(self, request_id: str, index: int | None = None) -> list[Sequence]:
+        """Drops the request's unfinished sequences (only sample `index`, if given) and frees their blocks."""
+        seqs = [s for s in (*self.waiting, *self.running)
+                if s.request_id == request_id and (index is None or s.index == index)]
         for seq in seqs:
             (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
             self.block_manager.free(seq)
@@ -134,13 +136,3 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
-
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Refuses what could never run to the end alone, which would block the queue's head forever."""
-        bm = self.block_manager
-        need = bm.blocks_for(num_prompt_tokens + max_tokens - 1)  # the last token never needs its KV
-        if need > bm.num_blocks:
-            raise InvalidRequestError(
-                f"the prompt ({num_prompt_tokens} tokens) plus up to {max_tokens} generated tokens needs "
-                f"{need} KV blocks of {bm.block_size} tokens, but the cache holds {bm.num_blocks}; lower max_tokens "
-                "or --max-model-len, or give the KV cache more memory (--gpu-memory-utilization)")

@@ -46,7 +46,6 @@ class Sequence:
     max_tokens: int = 16  # params.max_tokens, or what max_model_len leaves when that is None
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks; tokens only grow, so kept
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (prefix-cache hits included)

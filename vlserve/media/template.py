@@ -1,4 +1,7 @@
-"""Chat messages -> prompt: validate, load media, render with the checkpoint's chat template, expand pads.
+"""Chat messages -> prompt: validate the messages, render them with the checkpoint's chat template, and the pad
+rule (one placeholder per media item, expanded to one pad per merged vision token). Media loading is the input
+processor's (vlserve/inputs/), which calls these in order: parse_messages, render_chat, check_placeholders, then
+expand_media_tokens once the media is preprocessed.
 
 Accepted parts: OpenAI `text`, `image_url`, `video_url` (url in `{"url": ...}` or a bare string) and the
 Qwen/transformers `image` (url or PIL image) and `video` (url). A media part may carry `min_pixels` /
@@ -15,12 +18,9 @@ import transformers
 from PIL import Image
 
 from vlserve.config import ModelConfig
-from vlserve.errors import ConfigError, InvalidRequestError, MediaError
-from vlserve.media.fetch import MediaPolicy
-from vlserve.media.image import load_image
+from vlserve.errors import ConfigError, InvalidRequestError
+from vlserve.engine.sequence import MediaSpan
 from vlserve.media.item import MediaItem
-from vlserve.media.options import MediaOptions
-from vlserve.media.video import load_video
 
 ROLES = ("system", "user", "assistant")
 MEDIA_PARTS = {"image_url": "image", "image": "image", "video_url": "video", "video": "video"}  # type -> modality
@@ -34,17 +34,11 @@ PART_EXAMPLES = {
 PART_OPTIONS = ("min_pixels", "max_pixels")  # per item; videos map them to video_min_pixels / video_max_pixels
 
 
-@dataclass
-class Prompt:
-    token_ids: list[int]  # pads already expanded: one per merged vision token
-    media: list[MediaItem]  # in prompt order
-
-
 @dataclass(frozen=True)
 class MediaRef:
     """One media part found in the messages, before fetching."""
     modality: Literal["image", "video"]
-    source: str | Image.Image
+    source: str | bytes | Image.Image
     where: str  # e.g. "messages[1].content[0]", prefixed to errors about this item
     overrides: dict[str, int] = field(default_factory=dict)  # MediaOptions field -> value
 
@@ -64,50 +58,51 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
     return tokenizer
 
 
-def load_chat_media(messages: Any, policy: MediaPolicy, options: MediaOptions, cfg: ModelConfig) -> list[MediaItem]:
-    """Validate the messages, then fetch and preprocess each image/video in prompt order.
-
-    Takes `cfg` so a text-only model refuses media before anything is downloaded."""
-    _, refs = parse_messages(messages, cfg)
-    return [_load(ref, policy, options) for ref in refs]
-
-
-def build_chat_prompt(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, messages: Any,
-                      media: list[MediaItem], add_generation_prompt: bool = True) -> Prompt:
-    """Render `messages` with the checkpoint's chat template; `media` comes from `load_chat_media`."""
-    chat, _ = parse_messages(messages, cfg)
+def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, chat: list[dict],
+                add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `chat` (from parse_messages) rendered with the checkpoint's chat template: one placeholder pad
+    per media item, not expanded yet."""
     if not tokenizer.chat_template:
-        raise InvalidRequestError(f"the checkpoint at {cfg.path} has no chat template, so it cannot serve chat "
-                                  f"requests; send a plain prompt to the completions endpoint instead")
+        raise InvalidRequestError(f"the checkpoint {Path(cfg.path).name!r} has no chat template, so it cannot serve "
+                                  "chat requests; send a plain prompt to the completions endpoint instead")
     try:
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as e:
         raise InvalidRequestError(f"the model's chat template refused these messages: {e}") from e
     # The template already wrote every special token; adding more (a BOS) would differ from training.
-    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return Prompt(expand_media_tokens(token_ids, media, cfg), list(media))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: ModelConfig) -> list[int]:
-    """Repeat each image/video pad token item.num_tokens times (as Qwen2_5_VLProcessor does).
-
-    Also for raw token-id prompts: they must hold exactly one pad per media item, in the same order."""
-    if media:
+def check_placeholders(token_ids: list[int], modalities: list[str], cfg: ModelConfig) -> None:
+    """The pad rule: the prompt holds exactly one <|image_pad|>/<|video_pad|> per media item, in the items' order
+    (raw token-id prompts too, and none smuggled in through text)."""
+    if modalities:
         _require_vision(cfg, "the request")
     pad_modality = {cfg.image_token_id: "image", cfg.video_token_id: "video"} if cfg.is_multimodal else {}
     found = [pad_modality[t] for t in token_ids if t in pad_modality]
-    given = [item.modality for item in media]
-    if found != given:
+    if found != list(modalities):
+        given = list(modalities)
         raise InvalidRequestError(
             f"the prompt holds {found.count('image')} image and {found.count('video')} video placeholders "
             f"(<|image_pad|> id {cfg.image_token_id}, <|video_pad|> id {cfg.video_token_id}) in the order "
             f"{found[:8]}, but the request has {given.count('image')} images and {given.count('video')} videos in "
             f"the order {given[:8]}; put exactly one placeholder per item, in order, and none inside text")
-    items = iter(media)
-    expanded = []
+
+
+def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: ModelConfig
+                        ) -> tuple[list[int], list[MediaSpan]]:
+    """Repeat each placeholder pad item.num_tokens times (as Qwen2_5_VLProcessor does); returns the ids and where
+    each item's run of pads sits. The placeholders must have passed check_placeholders."""
+    pads = {cfg.image_token_id, cfg.video_token_id} if cfg.is_multimodal else set()
+    items, expanded, spans = iter(media), [], []
     for t in token_ids:
-        expanded.extend([t] * next(items).num_tokens if t in pad_modality else [t])
-    return expanded
+        if t in pads:
+            item = next(items)
+            spans.append(MediaSpan(item, len(expanded), len(expanded) + item.num_tokens))
+            expanded.extend([t] * item.num_tokens)
+        else:
+            expanded.append(t)
+    return expanded, spans
 
 
 def parse_messages(messages: Any, cfg: ModelConfig) -> tuple[list[dict], list[MediaRef]]:
@@ -182,18 +177,9 @@ def _overrides(where: str, modality: str, part: dict) -> dict[str, int]:
     return overrides
 
 
-def _load(ref: MediaRef, policy: MediaPolicy, options: MediaOptions) -> MediaItem:
-    try:
-        item_options = options.updated(ref.overrides)
-        loader = load_image if ref.modality == "image" else load_video
-        return loader(ref.source, policy, item_options)
-    except MediaError as e:
-        raise type(e)(f"{ref.where}: {e}") from e  # keep the class: too-large media stays HTTP 413
-
-
 def _require_vision(cfg: ModelConfig, where: str) -> None:
     if not cfg.is_multimodal:
-        raise InvalidRequestError(f"{where} has an image or video, but the model at {cfg.path} is text-only "
+        raise InvalidRequestError(f"{where} has an image or video, but the model {Path(cfg.path).name!r} is text-only "
                                   f"({cfg.architecture}); send text only, or serve a Qwen2.5-VL checkpoint")
 
 

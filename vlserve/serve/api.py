@@ -1,31 +1,38 @@
-"""HTTP: the OpenAI endpoints plus health, version, metrics. Every error is OpenAI's error JSON."""
+"""HTTP: the OpenAI endpoints plus health, version, metrics. Every error is OpenAI's error JSON.
+
+A request's path: the handler admits it (bounded queue), the input processor makes it an EngineRequest in the
+engine's thread pool, the engine core runs it in its own process, the output processor's deltas come back here
+and become chunks or, built in the pool too, one response. The event loop only moves bytes, so /health answers
+at once whatever the requests cost. A client that goes away (streaming or not) aborts its request.
+"""
 
 import asyncio
-import hmac
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlserve import __version__
 from vlserve.engine.async_engine import AsyncEngine
 from vlserve.errors import InvalidRequestError, VLServeError
-from vlserve.serve.chat import EngineRequest, prepare_chat, prepare_completions, sampling_defaults
-from vlserve.serve.errors import AuthError, ModelNotFoundError, OverloadedError, status_of
+from vlserve.serve.errors import ModelNotFoundError, OverloadedError, status_of
 from vlserve.serve.metrics import Metrics
+from vlserve.serve.middleware import MIB, ApiKeyMiddleware, BodyLimitMiddleware
 from vlserve.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_json, new_id,
 )
 from vlserve.serve.responses import (
     TokenText, chat_response, chat_stream, collect, completion_response, completion_stream,
 )
+from vlserve.serve.sampling import sampling_defaults, sampling_params
 
 DISCONNECT_POLL_S = 0.5
-GUARDED_PREFIX = "/v1"  # as vLLM: the API needs the key; health, version, metrics and docs do not
 MAX_SEQUENCES_PER_REQUEST = 128  # prompts x n of one completions call, as the bound on n alone
 
 
@@ -35,6 +42,7 @@ class ServerState:
     served_model_name: str
     api_key: str | None
     max_pending_requests: int  # running + waiting; beyond it requests get 503 and Retry-After
+    max_request_body_mib: float = 32.0
     pending: int = 0
     draining: bool = False
 
@@ -42,21 +50,14 @@ class ServerState:
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="vlserve", version=__version__)
     engine = state.engine
-    cfg, tokenizer = engine.engine.model_config, engine.engine.tokenizer
-    defaults = sampling_defaults(cfg.path)
+    defaults = sampling_defaults(engine.config.model)
     metrics = Metrics(engine, state.served_model_name)
-    token_text = TokenText(tokenizer)
+    token_text = TokenText(engine.tokenizer)
     app.state.vlserve = state
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if state.api_key and request.url.path.startswith(GUARDED_PREFIX):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-                return error_response(AuthError("missing or wrong API key; send 'Authorization: Bearer <key>' "
-                                                "with the key given to --api-key"))
-        return await call_next(request)
+    # Pure ASGI middlewares (under Starlette's BaseHTTPMiddleware a disconnect was never seen); the key is
+    # checked before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(state.max_request_body_mib * MIB))
+    app.add_middleware(ApiKeyMiddleware, api_key=state.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, e: RequestValidationError):
@@ -98,40 +99,97 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=state.served_model_name, root=cfg.path,
-                                         max_model_len=engine.engine.max_model_len)])
+        return ModelList(data=[ModelCard(id=state.served_model_name, root=engine.config.model,
+                                         max_model_len=engine.capacity.max_model_len)])
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, raw: Request):
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
+    async def chat(raw: Request):
+        req = await parsed(engine, raw, ChatCompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            prepared = await prepare_chat(req, tokenizer, cfg, engine.engine.config, defaults)
-            stream = metrics.track(submit(engine, prepared))
+            request = await engine.process(chat_request, engine, req, defaults)
+            stream = metrics.track(engine.generate(request))
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
                 return sse_response(chat_stream(stream, state.served_model_name, req.n, include_usage,
                                                 token_text))
             (final,) = await until_disconnect(collect([stream]), raw)
-            return chat_response(final, state.served_model_name, token_text)
+            body = await engine.process(lambda: chat_response(final, state.served_model_name,
+                                                              token_text).model_dump_json())
+            return Response(body, media_type="application/json")
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
+    async def completions(raw: Request):
+        req = await parsed(engine, raw, CompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            prepared = prepare_completions(req, tokenizer, defaults)
-            if len(prepared) * req.n > MAX_SEQUENCES_PER_REQUEST:
-                raise InvalidRequestError(f"{len(prepared)} prompts x n={req.n} asks for more than "
-                                          f"{MAX_SEQUENCES_PER_REQUEST} sequences; split the batch")
-            streams = submit_all(engine, prepared)
-            streams = [metrics.track(s) for s in streams]
+            requests = await engine.process(completion_requests, engine, req, defaults)
+            streams = [metrics.track(engine.generate(r)) for r in requests]
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
                 return sse_response(completion_stream(streams, state.served_model_name, req.n, include_usage,
                                                       token_text))
             finals = await until_disconnect(collect(streams), raw)
-            return completion_response(finals, state.served_model_name, req.n, token_text)
+            body = await engine.process(lambda: completion_response(finals, state.served_model_name, req.n,
+                                                                    token_text).model_dump_json())
+            return Response(body, media_type="application/json")
 
+    app.openapi = lambda: openapi_with_bodies(app, (ChatCompletionRequest, CompletionRequest))
     return app
+
+
+async def parsed(engine: AsyncEngine, raw: Request, model: type[BaseModel]):
+    """The body as `model`, parsed and validated in the engine's thread pool: a 30 MB body must not hold the event
+    loop (FastAPI would parse it there). Errors become FastAPI's own 400s."""
+    body = await raw.body()
+    try:
+        return await engine.process(model.model_validate_json, body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of an endpoint that parses `model` itself (see `parsed`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def openapi_with_bodies(app: FastAPI, models) -> dict:
+    """FastAPI's schema plus the request models that `json_body` refers to (clients and fuzzers read them)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict):
+    """The input processor's EngineRequest for a chat request (runs in the engine's thread pool)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true")
+    params = sampling_params(req, defaults, req.max_completion_tokens or req.max_tokens,
+                             (req.top_logprobs or 0) if req.logprobs else None)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs,
+                              req.add_generation_prompt)
+
+
+def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):
+    """One EngineRequest per prompt (OpenAI allows a batch of prompts in one call), all checked before any runs."""
+    params = sampling_params(req, defaults, req.max_tokens, req.logprobs)
+    prompts = req.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise InvalidRequestError("prompt is empty; send a string, a list of token ids, or a list of those")
+    if len(prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
+        raise InvalidRequestError(f"{len(prompts)} prompts x n={req.n} asks for more than "
+                                  f"{MAX_SEQUENCES_PER_REQUEST} sequences; split the batch")
+    return [engine.inputs.prompt(new_id("cmpl"), prompt, params) for prompt in prompts]
 
 
 def error_response(e: BaseException) -> JSONResponse:
@@ -152,7 +210,7 @@ def admitted(s: ServerState):
     """Counts a request as pending while its handler prepares it; refuses beyond the bound."""
     if s.draining:
         raise OverloadedError("the server is shutting down; retry on another replica")
-    if len(s.engine.streams) + s.pending >= s.max_pending_requests:
+    if s.engine.num_unfinished + s.pending >= s.max_pending_requests:
         raise OverloadedError(f"{s.max_pending_requests} requests are already running or waiting (the bound "
                               "is --max-num-seqs plus --max-queued-requests); retry shortly")
     s.pending += 1
@@ -160,24 +218,6 @@ def admitted(s: ServerState):
         yield
     finally:
         s.pending -= 1
-
-
-def submit(engine: AsyncEngine, req: EngineRequest, request_id: str | None = None):
-    return engine.generate(req.prompt_token_ids, req.params, req.media, request_id=request_id)
-
-
-def submit_all(engine: AsyncEngine, reqs: list[EngineRequest]):
-    """All or nothing: if one prompt is refused, the ones already submitted are cancelled."""
-    streams, ids = [], []
-    try:
-        for req in reqs:
-            ids.append(new_id("cmpl"))
-            streams.append(submit(engine, req, ids[-1]))
-    except Exception:
-        for request_id in ids[:len(streams)]:
-            engine.cancel(request_id)
-        raise
-    return streams
 
 
 async def until_disconnect(work, raw: Request):

@@ -20,7 +20,7 @@ class EngineStateCollector:
         self.engine, self.model = engine, model
 
     def collect(self):
-        e = self.engine.engine
+        s = self.engine.stats  # the engine core's counters, as its last step message reported them
         labels = ["model_name"]
 
         def gauge(name, doc, value):
@@ -33,17 +33,17 @@ class EngineStateCollector:
             c.add_metric([self.model], value)
             return c
 
-        yield gauge("num_requests_running", "Sequences in the running batch.", e.scheduler.num_running)
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", e.scheduler.num_waiting)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", e.block_manager.usage)
-        yield gauge("kv_cache_free_blocks", "KV blocks free (leak check: equals total when idle).",
-                    e.block_manager.num_free_blocks)
-        yield gauge("kv_cache_total_blocks", "KV blocks allocated.", e.block_manager.num_blocks)
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.block_manager.queries)
-        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.block_manager.hits)
-        yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
-                      e.scheduler.num_preemptions)
-        yield gauge("engine_alive", "1 while the engine thread runs.", float(self.engine.is_alive))
+        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", s.kv_cache_usage)
+        yield gauge("kv_cache_free_blocks", "KV blocks free (leak check: equals total when idle).", s.free_blocks)
+        yield gauge("kv_cache_total_blocks", "KV blocks allocated.", s.total_blocks)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).", s.num_preemptions)
+        yield counter("request_aborts", "Requests ended before finishing (client gone, cancelled, shutdown).",
+                      self.engine.num_aborted)
+        yield gauge("engine_alive", "1 while the engine core runs.", float(self.engine.is_alive))
 
 
 class Metrics:

@@ -1,4 +1,4 @@
-"""`vlserve serve`: load the model, then listen. SIGTERM drains in-flight requests; a dead engine exits non-zero."""
+"""`vlserve serve`: load the model, then listen (serve/lifecycle.py: the drain on SIGTERM, exit codes)."""
 
 import argparse
 import asyncio
@@ -6,19 +6,12 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
 
 from vlserve.args import add_engine_args
-
-if TYPE_CHECKING:
-    import uvicorn
-
-    from vlserve.serve.api import ServerState
 
 # The server's own imports (torch, uvicorn, the engine) wait until it runs: `vlserve --help` should not pay them.
 
 log = logging.getLogger("vlserve.serve")
-ENGINE_WATCH_S = 0.5
 
 
 def add_serve_args(sub) -> None:
@@ -33,7 +26,11 @@ def add_serve_args(sub) -> None:
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests that may wait beyond --max-num-seqs before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for in-flight requests before exiting")
+                   help="seconds SIGTERM waits for in-flight requests before ending them with an error")
+    p.add_argument("--max-request-body-mib", type=float, default=32.0,
+                   help="largest request body accepted, in MiB (images and videos sent inline count); larger get 413")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
     p.add_argument("--disable-ui", action="store_true", help="do not mount the chat page at /ui")
     p.add_argument("--uvicorn-log-level", default="info")
     add_engine_args(p)
@@ -47,6 +44,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from vlserve.engine.async_engine import AsyncEngine
     from vlserve.model.tiny import demo_checkpoint
     from vlserve.serve.api import ServerState, build_app
+    from vlserve.serve.http_protocol import protocol_class
+    from vlserve.serve.lifecycle import FLUSH_S, DrainingServer, serve_until_done
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model = args.model_flag or args.model
@@ -57,43 +56,21 @@ def run_serve(args: argparse.Namespace) -> None:
     config = engine_config(args, model)  # flag errors surface here, before anything loads
     engine = AsyncEngine(config)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
-    state = ServerState(engine, name, args.api_key, config.max_num_seqs + args.max_queued_requests)
+    state = ServerState(engine, name, args.api_key, config.max_num_seqs + args.max_queued_requests,
+                        args.max_request_body_mib)
     app = build_app(state)
     if not args.disable_ui:
         from vlserve.ui.app import mount_ui
         local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
         own_url = f"http://{'127.0.0.1' if local else args.host}:{args.port}/v1"
         mount_ui(app, api_base=own_url, api_key=args.api_key, model=name)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
-    # uvicorn handles SIGTERM/SIGINT (stop accepting, drain up to --shutdown-timeout) and then re-raises the
-    # signal to the handler it found; a no-op there lets us shut the engine down and exit with our own code.
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                           timeout_graceful_shutdown=FLUSH_S,
+                                           http=protocol_class(args.header_timeout)))
+    # uvicorn re-raises a signal it handled to the handler it found; a no-op there lets us shut the engine down
+    # and exit with our own code.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    code = asyncio.run(serve_until_done(server, state))
+    code = asyncio.run(serve_until_done(server, state, args.shutdown_timeout))
     engine.shutdown()
     sys.exit(code)
-
-
-async def serve_until_done(server: "uvicorn.Server", state: "ServerState") -> int:
-    """Runs uvicorn; if the engine dies, stops it so a supervisor restarts the process (exit code 1)."""
-    async def watch_engine():
-        while not server.should_exit:
-            if not state.engine.is_alive:
-                log.error("the engine died (%r); shutting down so a supervisor can restart", state.engine.error)
-                server.should_exit = True
-                return 1
-            await asyncio.sleep(ENGINE_WATCH_S)
-        state.draining = True
-        return 0
-
-    watcher = asyncio.create_task(watch_engine())
-    await server.serve()
-    state.draining = True
-    if not server.started:  # e.g. the port is taken: uvicorn said why; the exit code must say it too
-        watcher.cancel()
-        return 1
-    if not watcher.done():
-        watcher.cancel()
-        return 0
-    return watcher.result()

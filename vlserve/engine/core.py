@@ -1,0 +1,161 @@
+"""The engine core: schedule, execute, sample. Nothing else: no tokenizer, no templates, no request checks.
+
+It takes EngineRequests the input processor has validated and returns, per step, the new token ids of each sample
+that moved (CoreOutput), deciding only the stops that need no text (stop tokens, max_tokens, max_model_len).
+`vlserve serve` runs it in its own process (core_process.py); `LLM` calls it in-process. Both through this class.
+"""
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, resolve_dtype
+from vlserve.distributed.executor import make_runner
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineStats
+from vlserve.engine.sampler import Sampler
+from vlserve.engine.scheduler import ScheduledSeq, Scheduler
+from vlserve.engine.sequence import Sequence, SequenceStatus
+from vlserve.engine.stop import check_stop
+from vlserve.plan.preflight import check_before_loading
+
+log = logging.getLogger("vlserve.engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.device = config.resolved_device()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = config.model_len(self.model_config)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.batched_tokens(self.max_model_len),
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        torch.manual_seed(config.seed)
+        check_before_loading(self.model_config, config, self.device)  # the planner's checks, no weights read
+        self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
+        num_blocks = self.num_kv_blocks(scheduler_config)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.in_flight: deque = deque()  # (scheduled, runner handle) of batches submitted, oldest first
+        self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
+        self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
+        self.requests: dict[str, list[Sequence]] = {}  # unfinished samples of each request
+        self.log_capacity(num_blocks)
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_model_len, self.block_manager.num_blocks, self.block_manager.block_size,
+                        str(self.device), str(self.dtype).removeprefix("torch."))
+
+    # ---- KV sizing ----
+    def num_kv_blocks(self, scheduler_config: SchedulerConfig) -> int:
+        c = self.config
+        if c.num_gpu_blocks_override is not None:
+            return c.num_gpu_blocks_override
+        per_block = self.runner.kv_bytes_per_block()
+        if self.device.type == "cpu":
+            return max(1, int(c.kv_cache_memory_gib * 2**30) // per_block)
+        return self.runner.profile_free_blocks(c.gpu_memory_utilization, scheduler_config, c.media, per_block)
+
+    def log_capacity(self, num_blocks: int) -> None:
+        tokens = num_blocks * self.config.block_size
+        log.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len %d: %.2fx",
+                 num_blocks, self.config.block_size, tokens, self.max_model_len, tokens / self.max_model_len)
+
+    # ---- requests ----
+    def add(self, req: EngineRequest) -> None:
+        """Queues the request's n samples. The input processor has checked it; an id in use is a caller's bug."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        seqs = [Sequence(req.request_id, list(req.prompt_token_ids), req.params, media=req.media,
+                         mrope_positions=req.mrope_positions, rope_delta=req.rope_delta, index=index,
+                         max_tokens=req.max_tokens, arrival_time=req.arrival_time)
+                for index in range(req.params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.requests[req.request_id] = seqs
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stops the request's unfinished samples (or sample `index` alone) and frees their blocks."""
+        seqs = self.requests.get(request_id)
+        if seqs is None:
+            return
+        self.scheduler.abort(request_id, index)
+        self.forget_finished(request_id)
+
+    def forget_finished(self, request_id: str) -> None:
+        if all(seq.is_finished for seq in self.requests[request_id]):
+            del self.requests[request_id]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
+
+    def stats(self) -> EngineStats:
+        bm, s = self.block_manager, self.scheduler
+        return EngineStats(s.num_running, s.num_waiting, bm.usage, bm.num_free_blocks, bm.num_blocks, bm.queries,
+                           bm.hits, s.num_preemptions)
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+    # ---- one step ----
+    def step(self) -> list[CoreOutput]:
+        """Schedules and submits a batch, then returns the outputs of the oldest batch in flight. With pipeline
+        parallel, up to one batch per stage is in flight (disjoint sequences), so every stage has work."""
+        depth = self.config.pipeline_parallel_size
+        if len(self.in_flight) < depth:
+            active = self.scheduler.num_running + self.scheduler.num_waiting
+            out = self.scheduler.schedule(max_seqs=-(-active // depth) if depth > 1 else None)
+            if out.scheduled:
+                self.in_flight.append(self.submit(out.scheduled))
+                if len(self.in_flight) < depth:
+                    return []  # room for another batch before waiting on this one
+        return self.complete(self.in_flight.popleft()) if self.in_flight else []
+
+    def submit(self, scheduled: list[ScheduledSeq]):
+        now = time.monotonic()
+        for item in scheduled:
+            item.seq.scheduled_time = item.seq.scheduled_time or now
+            item.seq.in_flight = True
+        return scheduled, self.runner.submit([(item.seq, item.num_new_tokens) for item in scheduled])
+
+    def complete(self, batch) -> list[CoreOutput]:
+        scheduled, handle = batch
+        seqs, logits = self.runner.wait(handle)
+        for item in scheduled:
+            item.seq.in_flight = False
+            item.seq.num_computed_tokens += item.num_new_tokens
+        live = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # aborted while in flight
+        if not live:
+            return []
+        if len(live) < len(seqs):
+            seqs, logits = [seqs[i] for i in live], logits[live]
+        return self.append_tokens(seqs, self.sampler(logits, seqs))
+
+    def append_tokens(self, seqs: list[Sequence], sampled) -> list[CoreOutput]:
+        outputs = []
+        for i, seq in enumerate(seqs):
+            token, logprob = sampled.token_ids[i], sampled.logprobs[i]
+            seq.output_token_ids.append(token)
+            out = CoreOutput(seq.request_id, seq.index, [token], None if logprob is None else [logprob],
+                             num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
+                             scheduled_time=seq.scheduled_time)
+            reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+            if reason:
+                out.finish_reason, out.stop_reason = reason, seq.stop_reason
+                self.finish(seq, reason)
+            outputs.append(out)
+        return outputs
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, reason, time.monotonic()
+        self.scheduler.finish(seq)
+        self.forget_finished(seq.request_id)
