@@ -69,7 +69,7 @@ def preprocessor(model: str):
 def bench_preprocess(model: str, num_requests: int) -> dict:
     prepare = preprocessor(model)
     requests = [image_chat(i) for i in range(num_requests)]
-    prepare(-1, image_chat(-1))  # warm-up: imports, first allocations
+    prepare(-1, image_chat(num_requests))  # warm-up: imports, first allocations
     results = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         with ThreadPoolExecutor(threads) as pool:
@@ -128,11 +128,12 @@ def bench_overhead(model: str, workload: list[str], flags: list[str]) -> dict:
             subprocess.run([*cli, "bench", "serve", "--base-url", base, *workload, "--json", serve_json],
                            check=True, stdout=subprocess.DEVNULL)
         offline, served = (json.loads(Path(f).read_text()) for f in (offline_json, serve_json))
-    pick = ("output_throughput", "request_throughput", "ttft_ms_median")
+    pick = ("output_tokens_per_s", "requests_per_s", "ttft_ms", "failed_requests")
     result = {"offline": {k: offline.get(k) for k in pick}, "http": {k: served.get(k) for k in pick}}
-    result["http_over_offline"] = served["output_throughput"] / offline["output_throughput"]
-    print(f"overhead: offline {offline['output_throughput']:.1f} output tok/s, HTTP {served['output_throughput']:.1f}"
-          f" -> HTTP / offline = {result['http_over_offline']:.3f}", flush=True)
+    result["http_over_offline"] = served["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    print(f"overhead: offline {offline['output_tokens_per_s']:.1f} output tok/s, HTTP "
+          f"{served['output_tokens_per_s']:.1f} -> HTTP / offline = {result['http_over_offline']:.3f} "
+          f"(TTFT p50 offline {offline['ttft_ms']['p50']:.1f} ms, HTTP {served['ttft_ms']['p50']:.1f} ms)", flush=True)
     return result
 
 
