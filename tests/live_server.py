@@ -1,8 +1,10 @@
 """A real `vlserve serve` subprocess on a free 127.0.0.1 port, for tests that talk HTTP to it."""
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,3 +75,18 @@ def wait_all_blocks_free(base: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
     raise AssertionError(f"KV blocks still in use after {timeout} s: "
                          f"{metric(base, 'kv_cache_free_blocks')} of {metric(base, 'kv_cache_total_blocks')} free")
+
+
+def raw_post(base: str, path: str, body: bytes) -> tuple[int, dict]:
+    """One HTTP/1.1 POST over a plain socket: the whole request leaves in one sendall (C code, no GIL held), so
+    50 of these in threads load the server, not this process."""
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        s.sendall(head + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from live_server import live_server, metric, wait_all_blocks_free
+from live_server import live_server, metric, raw_post, wait_all_blocks_free
 from media_samples import make_video_bytes, solid_colours
 from vlserve.engine.sampling_params import MAX_STOP_STRINGS
 
@@ -80,21 +80,6 @@ def server(tiny_ckpt, media_root):
 
 def post(base: str, body: dict, timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
-
-
-def raw_post(base: str, path: str, body: bytes) -> tuple[int, dict]:
-    """One HTTP/1.1 POST over a plain socket: the whole request leaves in one sendall (C code, no GIL held), so
-    50 of these in threads load the server, not this process."""
-    host, port = base.removeprefix("http://").split(":")
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    with socket.create_connection((host, int(port)), timeout=120) as s:
-        s.sendall(head + body)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-    head, _, payload = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload)
 
 
 def test_health_stays_fast_while_50_clients_send_300k_word_prompts(server):
