@@ -78,7 +78,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         measured = torch.cuda.max_memory_allocated(device) - before
         free, total = torch.cuda.mem_get_info(device)
-        patches = image_patches(max_pixels) if vision else 0
+        patches = image_patches(max_pixels, cfg.vision) if vision else 0
         predicted = activation_bytes(cfg, 1, stage, Step(tokens, 256, patches), False, 2, fused=True)
         planned = make_plan(cfg, Inventory((Node("gpu", (card,)),), "this GPU"), Request(
             EngineConfig(model=cfg.path, dtype="bfloat16", max_num_batched_tokens=tokens,

@@ -63,7 +63,7 @@ def main() -> None:
     )
     ours_fn = lambda: process_image(image, options)  # noqa: E731
     hf_fn = lambda: hf(images=image, return_tensors="np")  # noqa: E731
-    height, width = smart_resize(image.height, image.width, options.min_pixels, options.max_pixels)
+    height, width = smart_resize(image.height, image.width, options.min_pixels, options.max_pixels, options.factor)
     resize_fn = lambda: image.resize((width, height), Image.Resampling.BICUBIC)  # noqa: E731
 
     item, ref = ours_fn(), hf_fn()

@@ -9,7 +9,7 @@ BS = 16
 
 
 def make_seq(tokens, media=()):
-    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h), start, end) for h, start, end in media]
+    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h, merge_size=2), start, end) for h, start, end in media]
     return Sequence("r", list(tokens), SamplingParams(max_tokens=8), media=spans)
 
 

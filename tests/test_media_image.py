@@ -159,7 +159,7 @@ def test_normalize_is_bit_exact_for_every_value_and_channel():
 
 def test_patchify_layout_matches_transformers(hf):
     frame = np.random.default_rng(1).standard_normal((3, 56, 84), dtype=np.float32)
-    ours, grid = patchify(np.broadcast_to(frame, (2, *frame.shape)))
+    ours, grid = patchify(np.broadcast_to(frame, (2, *frame.shape)), DEFAULTS)
     ref, gh, gw = hf.patchify(frame, patch_size=14, merge_size=2, temporal_patch_size=2)
     assert grid == (1, gh, gw) == (1, 4, 6)
     np.testing.assert_array_equal(ours, ref)
@@ -167,13 +167,13 @@ def test_patchify_layout_matches_transformers(hf):
 
 def test_patchify_video_frames_group_in_time():
     frames = np.random.default_rng(2).integers(0, 256, (4, 3, 28, 56), dtype=np.uint8)
-    patches, grid = patchify(frames)
+    patches, grid = patchify(frames, DEFAULTS)
     assert grid == (2, 2, 4) and patches.shape == (16, 3 * 2 * 14 * 14)
-    np.testing.assert_array_equal(patches[8:], patchify(frames[2:])[0])  # second time step = frames 2, 3
+    np.testing.assert_array_equal(patches[8:], patchify(frames[2:], DEFAULTS)[0])  # second time step = frames 2, 3
     first = patches[1].reshape(3, 2, 14, 14)  # merge group (0, 0): patch (row 0, col 1)
     np.testing.assert_array_equal(first, frames[:2, :, :14, 14:28].transpose(1, 0, 2, 3))
     with pytest.raises(ValueError, match="multiple"):
-        patchify(frames[:3])
+        patchify(frames[:3], DEFAULTS)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_patchify_video_frames_group_in_time():
     ],
 )
 def test_smart_resize_table(height, width, min_pixels, max_pixels, expected):
-    assert smart_resize(height, width, min_pixels, max_pixels) == expected
+    assert smart_resize(height, width, min_pixels, max_pixels, DEFAULTS.factor) == expected
     assert hf_smart_resize(height, width, 28, min_pixels, max_pixels) == expected
 
 
@@ -201,12 +201,12 @@ def test_smart_resize_sweep_equals_transformers():
     for height, width in rng.integers(1, 6000, (500, 2)):
         height, width = int(height), int(width)
         if max(height, width) / min(height, width) <= 200:
-            assert smart_resize(height, width, 3136, 12845056) == hf_smart_resize(height, width, 28, 3136, 12845056)
+            assert smart_resize(height, width, 3136, 12845056, 28) == hf_smart_resize(height, width, 28, 3136, 12845056)
 
 
 def test_aspect_ratio_over_limit():
     with pytest.raises(MediaError, match="max_aspect_ratio") as err:
-        smart_resize(10, 2010, 3136, 12845056)
+        smart_resize(10, 2010, 3136, 12845056, 28)
     assert "crop or pad" in str(err.value)
     with pytest.raises(MediaError, match="max_aspect_ratio"):
         process_image(encode(Image.new("RGB", (4020, 20))), DEFAULTS)
@@ -330,7 +330,7 @@ def test_image_resize_is_the_rule_process_image_uses():
     image = Image.fromarray(noise(333, 777))
     item = process_image(image, DEFAULTS)
     resize = image_resize(777, 333, DEFAULTS)
-    assert (resize.height, resize.width) == smart_resize(777, 333, DEFAULTS.min_pixels, DEFAULTS.max_pixels)
+    assert (resize.height, resize.width) == smart_resize(777, 333, DEFAULTS.min_pixels, DEFAULTS.max_pixels, DEFAULTS.factor)
     assert resize.grid_thw == item.grid_thw == (1, resize.height // 14, resize.width // 14)
 
 

@@ -127,7 +127,15 @@ def test_tightened_keeps_the_updated_key_checks():
 def test_every_request_key_has_a_ceiling():
     from dataclasses import fields
 
-    from vlserve.media.options import CEILINGS as MODULE_CEILINGS, SERVER_LIMITS
+    from vlserve.media.options import CEILINGS as MODULE_CEILINGS, CHECKPOINT_FIELDS, SERVER_LIMITS
 
-    request_keys = {f.name for f in fields(MediaOptions)} - set(SERVER_LIMITS)
+    request_keys = {f.name for f in fields(MediaOptions)} - set(SERVER_LIMITS) - set(CHECKPOINT_FIELDS)
     assert set(MODULE_CEILINGS) == request_keys and MODULE_CEILINGS == CEILINGS
+
+
+@pytest.mark.parametrize("key", ["patch_size", "temporal_patch_size", "merge_size"])
+def test_patch_geometry_is_the_checkpoints(key):
+    """Neither a flag nor a request may change how the vision tower cuts pixels: the checkpoint says."""
+    for set_it in (MediaOptions().updated, SERVER.tightened):
+        with pytest.raises(MediaError, match=f"{key}' is the vision tower's, read from the checkpoint"):
+            set_it({key: 16})

@@ -3,6 +3,7 @@ no memory) for each rank of a tensor/pipeline-parallel layout, in both vision mo
 per block must equal the planner's to the byte. The sampler's worst case, as the profiling step runs it, peaks
 where the planner says (allocations counted by torch.profiler on the CPU)."""
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,9 +65,12 @@ def test_7b_figures():
 
 
 def test_largest_image_is_what_the_profile_encodes():
-    """model_runner.profile_free_blocks: a square of max_pixels, sides floored to multiples of 28."""
-    assert image_patches(MediaOptions().max_pixels) == 256 * 256  # 3584 x 3584 pixels, 16,384 tokens
-    assert image_patches(1_003_520) == 70 * 70  # side 1001 -> 980
+    """model_runner.profile_free_blocks: a square of max_pixels, sides floored to multiples of patch x merge."""
+    vision = parse_config(layout_config("7B"), "7B", Path("config.json")).vision
+    assert image_patches(MediaOptions().max_pixels, vision) == 256 * 256  # 3584 x 3584 pixels, 16,384 tokens
+    assert image_patches(1_003_520, vision) == 70 * 70  # side 1001 -> 980
+    wider = replace(vision, patch_size=16)  # Qwen3-VL's patches: 32-pixel tokens
+    assert image_patches(1_003_520, wider) == 62 * 62  # side 1001 -> 992
 
 
 def peak_allocated_bytes(fn) -> int:

@@ -17,7 +17,7 @@ BS = 16
 
 
 def make_seq(tokens, max_tokens=4, request_id="r", media=()):
-    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h), start, end) for h, start, end in media]
+    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h, merge_size=2), start, end) for h, start, end in media]
     params = SamplingParams(max_tokens=max_tokens)
     return Sequence(request_id, list(tokens), params, media=spans, max_tokens=max_tokens)
 

@@ -109,7 +109,8 @@ def png_url(image: Image.Image) -> str:
 
 def fake_item(modality: str, grid_thw: tuple[int, int, int], second_per_grid_t: float = 1.0) -> MediaItem:
     t, h, w = grid_thw
-    return MediaItem(modality, torch.zeros(t * h * w, 1176), grid_thw, f"{modality}{grid_thw}", second_per_grid_t)
+    return MediaItem(modality, torch.zeros(t * h * w, 1176), grid_thw, f"{modality}{grid_thw}", second_per_grid_t,
+                     merge_size=2)
 
 
 def user(*parts) -> dict:
@@ -381,3 +382,21 @@ def test_chat_template_from_processor_file_and_missing(tiny_ckpt, cfg, tmp_path)
 def test_positions_require_expanded_pads(cfg):
     with pytest.raises(ValueError, match="expand the pads"):
         mrope_positions([1, IMAGE_PAD, 2], [fake_item("image", (1, 4, 4))], cfg)
+
+
+def test_patch_geometry_comes_from_the_checkpoint(tiny_ckpt, tmp_path):
+    """The same request through a checkpoint whose vision tower cuts 16-pixel patches (Qwen3-VL's): grids,
+    token counts and pixel rows follow its config.json, nothing assumes 14."""
+    folder = tmp_path / "patch16"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"].update(patch_size=16, window_size=128)
+    (folder / "config.json").write_text(json.dumps(config))
+    messages = [user({"type": "image", "image": picture(320, 320)}, text("x"))]
+    for ckpt, patch in ((tiny_ckpt, 14), (folder, 16)):
+        prompt = chat_prompt(InputProcessor.for_model(EngineConfig(model=str(ckpt))), messages)
+        (item,) = prompt.media
+        side = 320 // (2 * patch) * 2  # 320 rounded to a multiple of 2 * patch, in patches
+        assert item.grid_thw == (1, side, side) and item.num_tokens == side * side // 4
+        assert item.pixel_values.shape == (side * side, 3 * 2 * patch * patch)
+        assert prompt.token_ids.count(IMAGE_PAD) == item.num_tokens

@@ -15,7 +15,7 @@ from vlserve.engine.sampler import sample_worst_case
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
 from vlserve.media.item import MediaItem
-from vlserve.media.options import PATCH_FACTOR, MediaOptions
+from vlserve.media.options import MediaOptions
 from vlserve.model.layers.attention import Attention, AttentionMetadata
 from vlserve.model.loader import load_model
 
@@ -317,10 +317,10 @@ class ModelRunner:
         if stage.is_last:
             self.model.compute_logits(out[-min(sched.max_num_seqs, tokens):])
         if self.model.visual is not None:
-            side = int(media.max_pixels**0.5) // PATCH_FACTOR * PATCH_FACTOR
-            grid = (1, side // 14, side // 14)
+            options = media.for_vision(self.cfg.vision)
+            grid = options.largest_image_grid()
             pixels = torch.zeros(grid[1] * grid[2], self.cfg.vision.patch_dim)
-            self.model.encode_media([MediaItem("image", pixels, grid, "profile")])
+            self.model.encode_media([MediaItem("image", pixels, grid, "profile", merge_size=options.merge_size)])
         if not dist.is_initialized() or dist.get_rank() == 0:  # global rank 0 samples every step
             sample_worst_case(min(sched.max_num_seqs, tokens), self.cfg.vocab_size, self.device)
         torch.cuda.synchronize(self.device)

@@ -33,7 +33,8 @@ class InputProcessor:
         self.config, self.model_config, self.tokenizer, self.capacity = config, model_config, tokenizer, capacity
         self.limits = dict(config.limit_mm_per_prompt)
         self.token_chars = checks.max_token_chars(tokenizer)
-        self.merge = model_config.vision.spatial_merge_size if model_config.vision else 1
+        vision = model_config.vision
+        self.media = config.media.for_vision(vision) if vision else config.media  # the checkpoint's patch geometry
 
     @classmethod
     def for_model(cls, config: EngineConfig, capacity: Capacity | None = None) -> "InputProcessor":
@@ -86,13 +87,13 @@ class InputProcessor:
     def item_options(self, ref: MediaRef | None, mm_kwargs: dict | None):
         """The server's media options, tightened by the request's mm_processor_kwargs, then by the part's own."""
         try:
-            return self.config.media.tightened({**(mm_kwargs or {}), **(ref.overrides if ref else {})})
+            return self.media.tightened({**(mm_kwargs or {}), **(ref.overrides if ref else {})})
         except MediaError as e:
             raise located(ref, e) if ref else e
 
     def tokens(self, grid: tuple[int, int, int]) -> int:
         t, h, w = grid
-        return t * h * w // (self.merge * self.merge)
+        return t * h * w // self.media.merge_size**2
 
     def check_prompt(self, num_tokens: int, params: SamplingParams) -> None:
         checks.check_length(num_tokens, params.max_tokens, self.capacity.max_model_len)

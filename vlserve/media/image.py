@@ -25,11 +25,9 @@ from PIL import Image
 
 from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
-from vlserve.media.item import SPATIAL_MERGE, MediaItem
-from vlserve.media.options import PATCH_FACTOR, MediaOptions
+from vlserve.media.item import MediaItem
+from vlserve.media.options import MediaOptions
 
-PATCH = 14
-TEMPORAL_PATCH = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # the Pillow decoders clients may use (JPEG covers MPO)
@@ -43,7 +41,7 @@ def smart_resize(
     width: int,
     min_pixels: int,
     max_pixels: int,
-    factor: int = PATCH_FACTOR,
+    factor: int,
     max_aspect_ratio: float = 200.0,
 ) -> tuple[int, int]:
     """(height, width) as multiples of `factor` with area in [min_pixels, max_pixels], aspect kept (Qwen's rule)."""
@@ -70,17 +68,17 @@ def smart_resize(
 
 class Resize(NamedTuple):
     """What preprocessing makes of an image of a given source size."""
-    height: int  # resized, a multiple of PATCH_FACTOR
+    height: int  # resized, a multiple of options.factor
     width: int
-    grid_thw: tuple[int, int, int]  # in patches: (1, height // PATCH, width // PATCH)
+    grid_thw: tuple[int, int, int]  # in patches: (1, height // patch_size, width // patch_size)
 
 
 def image_resize(height: int, width: int, options: MediaOptions) -> Resize:
     """The resized size and grid of a `height` x `width` image (smart_resize with the image options); raises
     MediaError for an empty image or one over max_aspect_ratio."""
-    h, w = smart_resize(height, width, options.min_pixels, options.max_pixels,
-                        max_aspect_ratio=options.max_aspect_ratio)
-    return Resize(h, w, (1, h // PATCH, w // PATCH))  # grid_t 1: the image is one temporal patch
+    h, w = smart_resize(height, width, options.min_pixels, options.max_pixels, options.factor,
+                        options.max_aspect_ratio)
+    return Resize(h, w, (1, h // options.patch_size, w // options.patch_size))  # an image is one temporal patch
 
 
 def probe_image(data: bytes, options: MediaOptions) -> tuple[int, int, int]:
@@ -141,14 +139,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def patchify(
-    frames: np.ndarray, temporal_patch: int = TEMPORAL_PATCH, patch: int = PATCH, merge: int = SPATIAL_MERGE
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(T, C, H, W) frames of any dtype -> (grid_t*grid_h*grid_w, C*temporal_patch*patch*patch), grid_thw.
+def patchify(frames: np.ndarray, options: MediaOptions) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(T, C, H, W) frames of any dtype -> (grid_t*grid_h*grid_w, C*temporal_patch*patch*patch), grid_thw, in
+    the patch geometry of `options` (the checkpoint's).
 
     Patch order is transformers': row-major over merge groups, the merge*merge patches of a group contiguous,
     each patch laid out (C, temporal_patch, patch, patch). One copy; `frames` may be a strided or broadcast view.
     """
+    temporal_patch, patch, merge = options.temporal_patch_size, options.patch_size, options.merge_size
     t, c, h, w = frames.shape
     if t % temporal_patch or h % (patch * merge) or w % (patch * merge):
         raise ValueError(
@@ -183,10 +181,10 @@ def process_image(image: Image.Image | bytes, options: MediaOptions, source_hash
     if image.size != (width, height):  # Pillow's same-size resize is a plain copy
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     frame = np.asarray(image).transpose(2, 0, 1)  # (C, H, W) view of Pillow's (H, W, C)
-    frames = np.broadcast_to(frame, (TEMPORAL_PATCH, *frame.shape))  # an image is one frame, repeated
-    patches, grid_thw = patchify(frames)
+    frames = np.broadcast_to(frame, (options.temporal_patch_size, *frame.shape))  # an image is one frame, repeated
+    patches, grid_thw = patchify(frames, options)
     item_hash = content_hash("image", source_hash, f"{height}x{width}")
-    return MediaItem("image", normalize_patches(patches), grid_thw, item_hash)
+    return MediaItem("image", normalize_patches(patches), grid_thw, item_hash, merge_size=options.merge_size)
 
 
 def load_image(source: str | bytes | Image.Image, policy: MediaPolicy, options: MediaOptions) -> MediaItem:

@@ -1,11 +1,9 @@
 """One preprocessed image or video, ready for the vision tower."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-
-SPATIAL_MERGE = 2  # 2x2 patches become one language-model token
 
 
 @dataclass
@@ -15,8 +13,9 @@ class MediaItem:
     grid_thw: tuple[int, int, int]
     content_hash: str  # stable hex digest of the source and the preprocessing that shaped it
     second_per_grid_t: float = 1.0  # seconds covered by one temporal grid step (videos)
+    merge_size: int = field(kw_only=True)  # merge_size x merge_size patches make one token (the checkpoint's)
 
     @property
     def num_tokens(self) -> int:
         t, h, w = self.grid_thw
-        return t * h * w // (SPATIAL_MERGE * SPATIAL_MERGE)
+        return t * h * w // (self.merge_size * self.merge_size)

@@ -8,6 +8,9 @@ Contracts:
   server allows (fewer pixels, frames, a lower fps), never more: a 100-byte request must not be able to make
   the server upscale a 1x1 image to 3e8 pixels.
 - Every option set that either returns passes `validate()` (each minimum at most its maximum).
+- The patch geometry (CHECKPOINT_FIELDS) is the vision tower's, read from the checkpoint (`for_vision`); neither
+  a flag nor a request sets it. Its defaults are Qwen2.5-VL's, as transformers' Qwen2VLImageProcessor has them,
+  for callers without a checkpoint.
 - Errors are MediaError whose message names the key, the value and what to change.
 """
 
@@ -17,8 +20,8 @@ from typing import Any
 
 from vlserve.errors import MediaError
 
-PATCH_FACTOR = 28  # patch 14 x merge 2: image sides are multiples of this
 SERVER_LIMITS = ("max_source_pixels", "max_aspect_ratio")  # guards a request must not loosen
+CHECKPOINT_FIELDS = ("patch_size", "temporal_patch_size", "merge_size")  # the vision tower's, from config.json
 # per-request key -> the server option its value may not exceed (`tightened`)
 CEILINGS = {
     "min_pixels": "max_pixels",
@@ -47,6 +50,26 @@ class MediaOptions:
     # decoding guards: refuse before decoding the full image/video
     max_source_pixels: int = 8192 * 8192  # width x height of an encoded image or video frame
     max_aspect_ratio: float = 200.0
+    # the vision tower's patch geometry (CHECKPOINT_FIELDS)
+    patch_size: int = 14  # pixels per patch side
+    temporal_patch_size: int = 2  # frames per patch (an image is its frame repeated)
+    merge_size: int = 2  # merge_size x merge_size patches become one language-model token
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: one merged token's side in pixels."""
+        return self.patch_size * self.merge_size
+
+    def largest_image_grid(self) -> tuple[int, int, int]:
+        """The grid of the largest image these options allow, a square of max_pixels (sides floored to multiples
+        of `factor`): what the engine's profiling step encodes and the planner sizes."""
+        side = int(self.max_pixels**0.5) // self.factor * self.factor
+        return 1, side // self.patch_size, side // self.patch_size
+
+    def for_vision(self, vision) -> "MediaOptions":
+        """These options with the patch geometry of `vision` (a config.VisionConfig, read from the checkpoint)."""
+        return replace(self, patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                       merge_size=vision.spatial_merge_size)
 
     def updated(self, overrides: dict[str, Any] | None) -> "MediaOptions":
         """The server's own settings: apply `mm_processor_kwargs` from a flag; unknown keys and bad values are
@@ -79,8 +102,11 @@ class MediaOptions:
         for key, value in overrides.items():
             if key in SERVER_LIMITS:
                 raise MediaError(f"mm_processor_kwargs key {key!r} is a server limit and cannot be set per request")
+            if key in CHECKPOINT_FIELDS:
+                raise MediaError(f"mm_processor_kwargs key {key!r} is the vision tower's, read from the checkpoint's "
+                                 "config.json; it cannot be set")
             if key not in known:
-                allowed = sorted(set(known) - set(SERVER_LIMITS))
+                allowed = sorted(set(known) - set(SERVER_LIMITS) - set(CHECKPOINT_FIELDS))
                 raise MediaError(f"unknown mm_processor_kwargs key {key!r}; known keys: {', '.join(allowed)}")
             clean[key] = _positive(key, value, float if known[key] in (float, "float") else int)
         return clean

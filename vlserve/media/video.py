@@ -29,11 +29,10 @@ from PIL import Image
 
 from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
-from vlserve.media.image import PATCH, TEMPORAL_PATCH, normalize_patches, patchify, smart_resize
+from vlserve.media.image import normalize_patches, patchify, smart_resize
 from vlserve.media.item import MediaItem
-from vlserve.media.options import PATCH_FACTOR, MediaOptions
+from vlserve.media.options import MediaOptions
 
-FRAME_FACTOR = TEMPORAL_PATCH  # frames go to the vision tower in pairs (one temporal patch): counts are even
 # Bound on frames decoded from one video, counting included: a tiny file can hold a huge number of
 # near-empty frames, and every one must be decoded to reach the ones we keep. ~55 minutes at 30 fps.
 MAX_SOURCE_FRAMES = 100_000
@@ -42,21 +41,22 @@ NO_FRAMES = "the video has no decodable frames; send a complete, playable video 
 
 def smart_nframes(total_frames: int, video_fps: float, options: MediaOptions) -> int:
     """How many frames to sample: `fps` frames per second of video, clamped to [min_frames, max_frames] and to
-    the frames the video has, then floored to an even count (qwen-vl-utils `smart_nframes`)."""
-    min_frames = _ceil_even(options.min_frames)
-    max_frames = _floor_even(min(options.max_frames, total_frames))
+    the frames the video has, then floored to a multiple of the temporal patch (qwen-vl-utils `smart_nframes`)."""
+    step = options.temporal_patch_size  # frames go to the vision tower in groups of this: counts are multiples
+    min_frames = _ceil_to(options.min_frames, step)
+    max_frames = _floor_to(min(options.max_frames, total_frames), step)
     wanted = total_frames / video_fps * options.fps
-    # min() last: a video shorter than min_frames gives all of its (even) frames
-    nframes = _floor_even(min(max(wanted, min_frames), max_frames))
-    if nframes >= FRAME_FACTOR:
+    # min() last: a video shorter than min_frames gives all of its frames (a whole number of temporal patches)
+    nframes = _floor_to(min(max(wanted, min_frames), max_frames), step)
+    if nframes >= step:
         return nframes
-    if total_frames < FRAME_FACTOR:
+    if total_frames < step:
         raise MediaError(
-            f"the video has {total_frames} frame(s); a video needs at least {FRAME_FACTOR}: "
+            f"the video has {total_frames} frame(s); a video needs at least {step}: "
             "send a longer video, or send a single frame as an image"
         )
     raise MediaError(
-        f"mm_processor_kwargs max_frames is {options.max_frames}; it must be at least {FRAME_FACTOR}"
+        f"mm_processor_kwargs max_frames is {options.max_frames}; it must be at least {step}"
     )
 
 
@@ -68,7 +68,7 @@ def frame_indices(total_frames: int, nframes: int) -> list[int]:
 def frame_max_pixels(nframes: int, options: MediaOptions) -> float:
     """Per-frame pixel ceiling: the total budget shared over the frames, but never below 1.05x the per-frame
     minimum (so smart_resize has room) nor above video_max_pixels (qwen-vl-utils `fetch_video`)."""
-    shared = options.video_total_pixels / nframes * FRAME_FACTOR
+    shared = options.video_total_pixels / nframes * options.temporal_patch_size
     return min(options.video_max_pixels, max(shared, int(options.video_min_pixels * 1.05)))
 
 
@@ -85,7 +85,7 @@ def probe_video(data: bytes, options: MediaOptions) -> tuple[int, int, int]:
     nframes = smart_nframes(info.frames, info.fps, options)
     width, height = (info.width, info.height) if info.width and info.height else _first_frame_size(data, options)
     height, width = _frame_size(height, width, frame_max_pixels(nframes, options), options)
-    return nframes // TEMPORAL_PATCH, height // PATCH, width // PATCH
+    return nframes // options.temporal_patch_size, height // options.patch_size, width // options.patch_size
 
 
 def process_video(data: bytes, options: MediaOptions, source_hash: str | None = None) -> MediaItem:
@@ -99,7 +99,7 @@ def process_video(data: bytes, options: MediaOptions, source_hash: str | None = 
         # the frames for real, so sample again from that count. Once suffices: the count is exact now.
         sampled = _sample(data, sampled.decoded, video_fps, options)
     pixels = np.stack(sampled.frames)  # (T, H, W, 3) uint8
-    patches, grid_thw = patchify(pixels.transpose(0, 3, 1, 2))  # uint8 patches: cheaper to move than float32
+    patches, grid_thw = patchify(pixels.transpose(0, 3, 1, 2), options)  # uint8: cheaper to move than float32
     sample_fps = len(sampled.indices) / sampled.decoded * video_fps
     height, width = pixels.shape[1:3]
     digest = content_hash("video", source_hash or content_hash(data), str(sampled.indices), f"{height}x{width}")
@@ -108,7 +108,8 @@ def process_video(data: bytes, options: MediaOptions, source_hash: str | None = 
         pixel_values=normalize_patches(patches),
         grid_thw=grid_thw,
         content_hash=digest,
-        second_per_grid_t=TEMPORAL_PATCH / sample_fps,
+        second_per_grid_t=options.temporal_patch_size / sample_fps,
+        merge_size=options.merge_size,
     )
 
 
@@ -238,10 +239,10 @@ def _decode_kept(data: bytes, indices: list[int], max_pixels: float,
 
 
 def _frame_size(height: int, width: int, max_pixels: float, options: MediaOptions) -> tuple[int, int]:
-    """Resized (height, width) of a frame: sides multiples of 28, area within the per-frame budget."""
+    """Resized (height, width) of a frame: sides multiples of options.factor, area within the per-frame budget."""
     return smart_resize(
         height, width, min_pixels=options.video_min_pixels, max_pixels=max_pixels,
-        factor=PATCH_FACTOR, max_aspect_ratio=options.max_aspect_ratio,
+        factor=options.factor, max_aspect_ratio=options.max_aspect_ratio,
     )
 
 
@@ -261,9 +262,9 @@ def _frames(container: av.container.InputContainer, stream: av.VideoStream) -> I
             continue  # a damaged packet: skip it and go on, as FFmpeg's own tools do
 
 
-def _ceil_even(n: float) -> int:
-    return math.ceil(n / FRAME_FACTOR) * FRAME_FACTOR
+def _ceil_to(n: float, step: int) -> int:
+    return math.ceil(n / step) * step
 
 
-def _floor_even(n: float) -> int:
-    return math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+def _floor_to(n: float, step: int) -> int:
+    return math.floor(n / step) * step

@@ -12,7 +12,8 @@ rank), counting the tensors alive at the worst moment of each.
 import math
 from dataclasses import dataclass
 
-from vlserve.config import ModelConfig, stage_layers
+from vlserve.config import ModelConfig, VisionConfig, stage_layers
+from vlserve.media.options import MediaOptions
 from vlserve.model.layout import checkpoint_shapes
 
 MIB, GIB = 2**20, 2**30
@@ -153,11 +154,9 @@ def kv_bytes_per_block(cfg: ModelConfig, tp: int, num_layers: int, block_size: i
     return 2 * block_size * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim * dtype_bytes * num_layers
 
 
-def image_patches(max_pixels: int, patch_size: int = 14, merge: int = 2) -> int:
-    """Patches of the largest image the profiling step encodes: a square of max_pixels, sides a multiple of 28."""
-    unit = patch_size * merge
-    side = int(max_pixels**0.5) // unit * unit
-    return (side // patch_size) ** 2
+def image_patches(max_pixels: int, vision: VisionConfig) -> int:
+    """Patches of the largest image the profiling step encodes (media.image.largest_image_grid)."""
+    return math.prod(MediaOptions(max_pixels=max_pixels).for_vision(vision).largest_image_grid())
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int,
