@@ -159,3 +159,11 @@ def test_kv_sizing_is_logged(tiny_ckpt, caplog):
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         override.generate("hello", SamplingParams(max_tokens=200), use_tqdm=False)
     assert_no_leaks(override)
+
+
+@pytest.mark.parametrize("kwargs", [{"top_k": 10**40}, {"seed": 2**63}, {"min_tokens": -(2**64)},
+                                    {"max_tokens": 10**30}, {"stop_token_ids": [2**64]}])
+def test_integers_must_fit_64_bits(kwargs):
+    """They travel to the engine core as 64-bit values: a bigger one is the client's error, not an IPC crash."""
+    with pytest.raises(InvalidRequestError, match="64-bit|token ids"):
+        SamplingParams(**kwargs)

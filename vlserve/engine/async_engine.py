@@ -73,7 +73,13 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use; ids must be unique")
             self.streams[request.request_id] = (asyncio.get_running_loop(), stream)
             self.outputs.add(request)
-        self.core.send(AddRequest(request))
+        try:
+            self.core.send(AddRequest(request))
+        except BaseException:
+            with self.lock:  # never sent: nothing of it may stay behind
+                self.streams.pop(request.request_id, None)
+                self.outputs.abort(request.request_id)
+            raise
         return self.deltas(request.request_id, stream)
 
     async def deltas(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:

@@ -17,7 +17,8 @@ from vlserve.engine.request import CoreOutput, EngineRequest
 
 @dataclass
 class RequestState:
-    request: EngineRequest
+    request_id: str
+    prompt_token_ids: list[int]  # (the request's media stay out of here: their pixels are the core's)
     detokenizers: list[IncrementalDetokenizer]
     open_samples: set[int]  # indices not finished yet
     metrics: RequestMetrics
@@ -38,8 +39,8 @@ class OutputProcessor:
     def add(self, req: EngineRequest) -> None:
         detoks = [IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params, self.eos_ids)
                   for _ in range(req.params.n)]
-        self.requests[req.request_id] = RequestState(req, detoks, set(range(req.params.n)),
-                                                     RequestMetrics(req.arrival_time))
+        self.requests[req.request_id] = RequestState(req.request_id, req.prompt_token_ids, detoks,
+                                                     set(range(req.params.n)), RequestMetrics(req.arrival_time))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Forgets the request; returns its final delta (every open sample ends with "abort"), None if unknown."""
@@ -98,6 +99,5 @@ class OutputProcessor:
         return delta
 
     def request_output(self, state: RequestState, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
-        req = state.request
-        return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished, state.metrics,
+        return RequestOutput(state.request_id, state.prompt_token_ids, outputs, finished, state.metrics,
                              num_cached_tokens=state.num_cached_tokens)

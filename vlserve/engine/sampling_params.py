@@ -10,6 +10,7 @@ MAX_N = 128  # as OpenAI's n; each sample is a sequence, so an unbounded n could
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+INT64 = (-(2**63), 2**63 - 1)  # integers travel to the engine core as 64-bit values
 
 
 @dataclass
@@ -48,7 +49,9 @@ class SamplingParams:
         def number(name: str, value, ints: bool = False):
             kinds = (int,) if ints else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds):
-                bad(name, f"must be {'an integer' if ints else 'a number'}, got {value!r}")
+                bad(name, f"must be {'an integer' if ints else 'a number'}, got {value!r}"[:200])
+            if ints and not INT64[0] <= value <= INT64[1]:
+                bad(name, f"must fit in a signed 64-bit integer ([{INT64[0]}, {INT64[1]}]), got {value}"[:200])
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             number(name, getattr(self, name))
@@ -83,7 +86,7 @@ class SamplingParams:
             bad("stop", f"takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters "
                         f"each, got {len(self.stop)} (longest {max(map(len, self.stop))})")
         if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64[1] for t in self.stop_token_ids):
             bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}"[:200])
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")

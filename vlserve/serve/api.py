@@ -107,8 +107,8 @@ def build_app(state: ServerState) -> FastAPI:
         req = await parsed(engine, raw, ChatCompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            request = await engine.process(chat_request, engine, req, defaults)
-            stream = metrics.track(engine.generate(request))
+            # no local name keeps the request (and its pixels) alive in this frame while it runs
+            stream = metrics.track(engine.generate(await engine.process(chat_request, engine, req, defaults)))
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
                 return sse_response(chat_stream(stream, state.served_model_name, req.n, include_usage,
@@ -123,8 +123,8 @@ def build_app(state: ServerState) -> FastAPI:
         req = await parsed(engine, raw, CompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            requests = await engine.process(completion_requests, engine, req, defaults)
-            streams = [metrics.track(engine.generate(r)) for r in requests]
+            streams = [metrics.track(engine.generate(r))
+                       for r in await engine.process(completion_requests, engine, req, defaults)]
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
                 return sse_response(completion_stream(streams, state.served_model_name, req.n, include_usage,
