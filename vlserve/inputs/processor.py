@@ -68,12 +68,15 @@ class InputProcessor:
               text_chars: int, tokenize: Callable[[], list[int]]) -> EngineRequest:
         max_len = self.capacity.max_model_len
         checks.check_media_count([ref.modality for ref in refs], self.limits)
-        options = [self.item_options(ref, mm_kwargs) for ref in refs] if refs else [self.item_options(None, mm_kwargs)]
+        self.item_options(None, mm_kwargs)  # the request's own media options are checked even without media
+        options = [self.item_options(ref, mm_kwargs) for ref in refs]
         text_tokens = checks.min_text_tokens(text_chars, self.token_chars)
         checks.check_length(text_tokens + len(refs), params.max_tokens, max_len, exact=False)
-        sources = [self.located(fetch, ref, ref, self.config.media_policy, opts) for ref, opts in zip(refs, options)]
-        media_tokens = sum(self.tokens(self.located(probe, src.ref, src)) for src in sources)
-        checks.check_length(text_tokens + media_tokens, params.max_tokens, max_len, exact=False)
+        sources, media_tokens = [], 0
+        for ref, opts in zip(refs, options):  # each item's bytes, then its size: refused at the first too many
+            sources.append(self.located(fetch, ref, ref, self.config.media_policy, opts))
+            media_tokens += self.tokens(self.located(probe, ref, sources[-1]))
+            checks.check_length(text_tokens + media_tokens, params.max_tokens, max_len, exact=False)
         ids = tokenize()
         checks.check_token_ids(ids, self.model_config.vocab_size)
         check_placeholders(ids, [ref.modality for ref in refs], self.model_config)
