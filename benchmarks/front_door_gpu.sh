@@ -6,7 +6,7 @@
 #   2. benchmarks/front_door.py for this checkout and for the baseline in .old/ (git archive of the commit before),
 #      the same script: preprocessing 1 vs all cores (tiny model), then HTTP vs offline throughput with the
 #      Qwen2.5-VL-7B layout (random weights, bf16)
-# usage: bash benchmarks/front_door_gpu.sh        (results under $OUT)
+# usage: bash benchmarks/front_door_gpu.sh [tests]   (results under $OUT; `tests`: step 1 and the preprocessing only)
 set -uo pipefail
 OUT=${OUT:-/tmp/front-door-out}
 mkdir -p "$OUT" /tmp/site
@@ -28,9 +28,11 @@ sys.path.insert(0, "benchmarks")
 from compare_hf import write_model_folder
 write_model_folder("7b", Path("/tmp/qwen7b"))
 EOF
+mode=${1:-all}
 bench() {  # $1: label, $2: folder whose vlserve runs (the working directory puts it first on sys.path), $3: s
   (cd "$2" && PYTHONPATH="$PWD:/tmp/site" timeout 60 python3 "$OLDPWD/benchmarks/front_door.py" \
      --skip health overhead --requests 64 --json "$OUT/front_door_preprocess_$1.json") 2>&1 | grep -E "^pre|Error"
+  [ "$mode" = tests ] && return
   (cd "$2" && PYTHONPATH="$PWD:/tmp/site" timeout "$3" python3 "$OLDPWD/benchmarks/front_door.py" /tmp/qwen7b \
      --skip preprocess health --num-prompts 64 --engine-flags "--load-format dummy --max-model-len 2048" \
      --json "$OUT/front_door_overhead_$1.json") 2>&1 | grep -E "^over|Error"
