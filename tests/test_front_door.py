@@ -193,14 +193,16 @@ def test_idle_connections_are_closed_after_the_header_timeout(server):
 
 
 def test_streams_open_at_the_end_of_the_drain_end_with_an_error_event(tiny_ckpt):
-    with live_server(tiny_ckpt, "--disable-ui", "--shutdown-timeout", "1") as (base, proc):
-        body = chat("count", max_tokens=100_000, ignore_eos=True, stream=True)
-        body["max_tokens"] = 20_000
+    with live_server(tiny_ckpt, "--disable-ui", "--shutdown-timeout", "3") as (base, proc):
+        body = chat("count", max_tokens=20_000, ignore_eos=True, stream=True)
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)
             proc.send_signal(signal.SIGTERM)
-            refused = post(base, chat("new"), timeout=10)
+            for _ in range(100):  # until the server has seen the signal (a request before that is still served)
+                refused = post(base, chat("new", max_tokens=1), timeout=10)
+                if refused.status_code == 503:
+                    break
             rest = [line for line in lines if line]
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         assert '"code":503' in rest[-2] and "--shutdown-timeout" in rest[-2] and rest[-1] == "data: [DONE]"
