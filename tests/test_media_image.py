@@ -17,11 +17,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from media_samples import png_header_only
 from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.inputs.media import fetch, preprocess
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.image import (
     CLIP_MEAN,
     CLIP_STD,
-    load_image,
     normalize_patches,
     image_resize,
     open_image,
@@ -31,6 +31,7 @@ from vlserve.media.image import (
     smart_resize,
 )
 from vlserve.media.options import MediaOptions
+from vlserve.media.template import MediaRef
 
 DEFAULTS = MediaOptions()
 
@@ -224,16 +225,21 @@ def test_content_hash_depends_on_picture_and_resized_size():
 
 
 def test_load_image_from_data_url_and_local_file(tmp_path, hf):
+    """Through the input processor's media steps (fetch, then preprocess), from each kind of source."""
     image = Image.fromarray(noise(120, 90))
     data = encode(image)
     (tmp_path / "a.png").write_bytes(data)
     policy = MediaPolicy(allowed_local_media_path=str(tmp_path))
+
+    def load(source):
+        return preprocess(fetch(MediaRef("image", source, "test"), policy, DEFAULTS))
+
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    from_url = load_image(url, policy, DEFAULTS)
-    from_file = load_image(str(tmp_path / "a.png"), policy, DEFAULTS)
-    assert from_url.content_hash == from_file.content_hash == load_image(data, policy, DEFAULTS).content_hash
+    from_url = load(url)
+    from_file = load(str(tmp_path / "a.png"))
+    assert from_url.content_hash == from_file.content_hash == load(data).content_hash
     assert_same_as(from_file, image, hf)
-    assert_same_as(load_image(image, policy, DEFAULTS), image, hf)
+    assert_same_as(load(image), image, hf)
 
 
 # ---- bad input

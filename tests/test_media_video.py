@@ -12,14 +12,15 @@ import torch
 
 from media_samples import frame_data_offset, make_audio_only_bytes, make_video_bytes, moving_pattern, solid_colours
 from vlserve.errors import MediaError, MediaTooLargeError
+from vlserve.inputs.media import fetch, preprocess
 from vlserve.media import video
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.image import CLIP_MEAN, CLIP_STD, process_image
 from vlserve.media.options import MediaOptions
+from vlserve.media.template import MediaRef
 from vlserve.media.video import (
     frame_indices,
     frame_max_pixels,
-    load_video,
     probe_video,
     process_video,
     smart_nframes,
@@ -251,10 +252,14 @@ def test_load_video_local_file_within_allowed_root(tmp_path):
     (root / "clip.mp4").write_bytes(data)
     (tmp_path / "outside.mp4").write_bytes(data)
     policy = MediaPolicy(allowed_local_media_path=str(root))
-    assert load_video(str(root / "clip.mp4"), policy, SMALL).content_hash == process_video(data, SMALL).content_hash
-    assert load_video(data, policy, SMALL).grid_thw == (3, 4, 4)
+
+    def load_video(source):  # the input processor's media steps: fetch, then preprocess
+        return preprocess(fetch(MediaRef("video", source, "test"), policy, SMALL))
+
+    assert load_video(str(root / "clip.mp4")).content_hash == process_video(data, SMALL).content_hash
+    assert load_video(data).grid_thw == (3, 4, 4)
     with pytest.raises(MediaError, match=r"outside the folder the server allows \(--allowed-local-media-path\)"):
-        load_video(str(tmp_path / "outside.mp4"), policy, SMALL)
+        load_video(str(tmp_path / "outside.mp4"))
 
 
 # --- header-only probe ----------------------------------------------------------------------------------------

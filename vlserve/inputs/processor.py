@@ -20,6 +20,7 @@ from vlserve.errors import InvalidRequestError, MediaError
 from vlserve.inputs import checks
 from vlserve.inputs.media import fetch, located, preprocess, probe
 from vlserve.media.item import MediaItem
+from vlserve.media.options import grid_tokens
 from vlserve.media.positions import mrope_positions
 from vlserve.media.template import (
     MediaRef, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
@@ -75,7 +76,7 @@ class InputProcessor:
         sources, media_tokens = [], 0
         for ref, opts in zip(refs, options):  # each item's bytes, then its size: refused at the first too many
             sources.append(self.located(fetch, ref, ref, self.config.media_policy, opts))
-            media_tokens += self.tokens(self.located(probe, ref, sources[-1]))
+            media_tokens += grid_tokens(self.located(probe, ref, sources[-1]), self.media.merge_size)
             checks.check_length(text_tokens + media_tokens, params.max_tokens, max_len, exact=False)
         ids = tokenize()
         checks.check_token_ids(ids, self.model_config.vocab_size)
@@ -93,10 +94,6 @@ class InputProcessor:
             return self.media.tightened({**(mm_kwargs or {}), **(ref.overrides if ref else {})})
         except MediaError as e:
             raise located(ref, e) if ref else e
-
-    def tokens(self, grid: tuple[int, int, int]) -> int:
-        t, h, w = grid
-        return t * h * w // self.media.merge_size**2
 
     def check_prompt(self, num_tokens: int, params: SamplingParams) -> None:
         checks.check_length(num_tokens, params.max_tokens, self.capacity.max_model_len)

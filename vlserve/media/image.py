@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from vlserve.errors import MediaError, MediaTooLargeError
-from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
+from vlserve.media.fetch import content_hash
 from vlserve.media.item import MediaItem
 from vlserve.media.options import MediaOptions
 
@@ -185,10 +185,3 @@ def process_image(image: Image.Image | bytes, options: MediaOptions, source_hash
     patches, grid_thw = patchify(frames, options)
     item_hash = content_hash("image", source_hash, f"{height}x{width}")
     return MediaItem("image", normalize_patches(patches), grid_thw, item_hash, merge_size=options.merge_size)
-
-
-def load_image(source: str | bytes | Image.Image, policy: MediaPolicy, options: MediaOptions) -> MediaItem:
-    """Fetch (a path or URL within `policy`), decode and preprocess one image."""
-    if isinstance(source, str):
-        source = fetch_bytes(source, policy)
-    return process_image(source, options)

@@ -5,6 +5,8 @@ from typing import Literal
 
 import torch
 
+from vlserve.media.options import grid_tokens
+
 
 @dataclass
 class MediaItem:
@@ -17,5 +19,4 @@ class MediaItem:
 
     @property
     def num_tokens(self) -> int:
-        t, h, w = self.grid_thw
-        return t * h * w // (self.merge_size * self.merge_size)
+        return grid_tokens(self.grid_thw, self.merge_size)

@@ -35,6 +35,12 @@ CEILINGS = {
 }
 
 
+def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
+    """Language-model tokens of an image or video of `grid_thw` patches: merge_size x merge_size patches make one."""
+    t, h, w = grid_thw
+    return t * h * w // (merge_size * merge_size)
+
+
 @dataclass(frozen=True)
 class MediaOptions:
     # images (qwen-vl-utils defaults)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from vlserve.errors import MediaError, MediaTooLargeError
-from vlserve.media.fetch import MediaPolicy, content_hash, fetch_bytes
+from vlserve.media.fetch import content_hash
 from vlserve.media.image import normalize_patches, patchify, smart_resize
 from vlserve.media.item import MediaItem
 from vlserve.media.options import MediaOptions
@@ -70,12 +70,6 @@ def frame_max_pixels(nframes: int, options: MediaOptions) -> float:
     minimum (so smart_resize has room) nor above video_max_pixels (qwen-vl-utils `fetch_video`)."""
     shared = options.video_total_pixels / nframes * options.temporal_patch_size
     return min(options.video_max_pixels, max(shared, int(options.video_min_pixels * 1.05)))
-
-
-def load_video(source: str | bytes, policy: MediaPolicy, options: MediaOptions) -> MediaItem:
-    """Fetch a video (URL, data: URI, allowed local path, or raw bytes) under `policy` and preprocess it."""
-    data = source if isinstance(source, bytes) else fetch_bytes(source, policy)
-    return process_video(data, options)
 
 
 def probe_video(data: bytes, options: MediaOptions) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from vlserve.config import ModelConfig, VisionConfig, stage_layers
-from vlserve.media.options import MediaOptions
+from vlserve.media.options import MediaOptions, grid_tokens
 from vlserve.model.layout import checkpoint_shapes
 
 MIB, GIB = 2**20, 2**30
@@ -154,9 +154,17 @@ def kv_bytes_per_block(cfg: ModelConfig, tp: int, num_layers: int, block_size: i
     return 2 * block_size * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim * dtype_bytes * num_layers
 
 
+def largest_image(max_pixels: int, vision: VisionConfig) -> tuple[int, int, int]:
+    """Grid of the largest image the profiling step encodes (MediaOptions.largest_image_grid)."""
+    return MediaOptions(max_pixels=max_pixels).for_vision(vision).largest_image_grid()
+
+
 def image_patches(max_pixels: int, vision: VisionConfig) -> int:
-    """Patches of the largest image the profiling step encodes (media.image.largest_image_grid)."""
-    return math.prod(MediaOptions(max_pixels=max_pixels).for_vision(vision).largest_image_grid())
+    return math.prod(largest_image(max_pixels, vision))
+
+
+def image_tokens(max_pixels: int, vision: VisionConfig) -> int:
+    return grid_tokens(largest_image(max_pixels, vision), vision.spatial_merge_size)
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int,

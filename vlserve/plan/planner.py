@@ -21,6 +21,7 @@ from vlserve.plan.memory import (
     Weights,
     activation_bytes,
     image_patches,
+    image_tokens,
     kv_bytes_per_block,
     reserve_bytes,
     stages,
@@ -212,7 +213,8 @@ class Planner:
         b, on_gpu = DTYPE_BYTES[c.dtype], not self.inventory.is_cpu
         split = s.mm_encoder_tp_mode == "weights" and s.tensor_parallel_size > 1
         tp = s.tensor_parallel_size
-        step = Step(s.max_num_batched_tokens, s.max_num_seqs, image_patches(s.max_pixels, cfg.vision) if cfg.vision else 0)
+        patches = image_patches(s.max_pixels, cfg.vision) if cfg.vision else 0
+        step = Step(s.max_num_batched_tokens, s.max_num_seqs, patches)
         for stage, stage_cards in zip(stages(cfg, s.pipeline_parallel_size, self.partition(s.pipeline_parallel_size)),
                                       cards):
             weights = self.weights.rank_bytes(tp, stage, split, b)
@@ -327,9 +329,9 @@ class Planner:
             c.notes.append(Problem("network", f"the plan spans {c.machines} machines: each binds Gloo and NCCL to the "
                                    "interface that routes to the head (`vlserve cluster join` does it; check with "
                                    "`vlserve doctor --head HOST:PORT` on each)"))
-        image_tokens = image_patches(s.max_pixels, cfg.vision) // cfg.vision.spatial_merge_size**2 if cfg.vision else 0
-        if cfg.vision and c.feasible and image_tokens >= c.max_model_len:
-            c.notes.append(Problem("image_over_context", f"one image of the largest allowed size is {image_tokens} "
+        largest = image_tokens(s.max_pixels, cfg.vision) if cfg.vision else 0
+        if cfg.vision and c.feasible and largest >= c.max_model_len:
+            c.notes.append(Problem("image_over_context", f"one image of the largest allowed size is {largest} "
                                    f"tokens, not under max_model_len {c.max_model_len}: such prompts are refused",
                                    "lower max_pixels with --mm-processor-kwargs"))
 

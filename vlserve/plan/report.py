@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from vlserve.config import EngineConfig
 from vlserve.media.options import MediaOptions
-from vlserve.plan.memory import GIB, image_patches
+from vlserve.plan.memory import GIB, image_tokens
 from vlserve.plan.planner import Candidate, Plan
 
 PASSED_ON = ("block_size", "vision_cache_mib", "num_gpu_blocks_override", "enable_prefix_caching",
@@ -113,7 +113,7 @@ def to_text(plan: Plan) -> str:
                   f"{s.max_num_batched_tokens}")]
         if cfg.vision:
             lines.append(f"vision: --mm-encoder-tp-mode {s.mm_encoder_tp_mode}, largest image {s.max_pixels:,} pixels "
-                         f"({image_patches(s.max_pixels, cfg.vision) // cfg.vision.spatial_merge_size**2:,} tokens)")
+                         f"({image_tokens(s.max_pixels, cfg.vision):,} tokens)")
     for p in c.notes:
         if p.code != "bf16_unsupported":  # the dtype line says it
             lines.append(f"note [{p.code}]: {p.message}" + (f"; {p.fix}" if p.fix else ""))
