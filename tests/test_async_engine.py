@@ -157,8 +157,11 @@ def test_core_death_reaches_every_caller(tiny_ckpt):
     async def main():
         long = SamplingParams(max_tokens=500, ignore_eos=True)
         callers = [asyncio.ensure_future(collect(engine, f"x{i}", long)) for i in range(3)]
-        while engine.stats.num_running < 3:  # all three running in the core
+        for _ in range(3000):  # until all three run in the core (bounded: 30 s)
+            if engine.stats.num_running == 3:
+                break
             await asyncio.sleep(0.01)
+        assert engine.stats.num_running == 3, engine.stats
         os.kill(engine.core.process.pid, signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), timeout=10)
         assert all(isinstance(r, EngineDeadError) and "exited with code -9" in str(r) for r in results), results
