@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--image-text-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="measured TTFT requests (after one warm-up)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vlserve's, after transformers is freed")
+    p.add_argument("--skip-transformers", action="store_true",
+                   help="vlserve alone (a baseline tree of vlserve run in the same call beside another's full run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -215,13 +217,17 @@ def table(args, ours: dict, theirs: dict, roofline: float) -> list[dict]:
     rows = []
     for name in args.workloads:
         lower_better = name == "ttft"
-        speedup = theirs[name] / ours[name] if lower_better else ours[name] / theirs[name]
+        speedup = None
+        if name in theirs:
+            speedup = theirs[name] / ours[name] if lower_better else ours[name] / theirs[name]
         target = TARGETS_7B[name] if args.layout == "7b" else None
         met = None if target is None else (ours[name] <= target if lower_better else ours[name] >= target)
         fraction = None  # the roofline is batch-1 decode's
         if name == "decode1":
-            fraction = {"vlserve": ours[name] / roofline, "transformers": theirs[name] / roofline}
-        rows.append({"workload": name, "unit": UNITS[name], "vlserve": ours[name], "transformers": theirs[name],
+            fraction = {"vlserve": ours[name] / roofline}
+            if name in theirs:
+                fraction["transformers"] = theirs[name] / roofline
+        rows.append({"workload": name, "unit": UNITS[name], "vlserve": ours[name], "transformers": theirs.get(name),
                      "speedup": speedup, "target": target, "met": met, "roofline_fraction": fraction})
     return rows
 
@@ -233,9 +239,11 @@ def print_table(rows: list[dict], context: dict) -> None:
           f"{'met?':>5}  roofline (vlserve / transformers)")
     for r in rows:
         f, met = r["roofline_fraction"], {None: "-", True: "yes", False: "NO"}[r["met"]]
-        roofline = "-" if f is None else f"{f['vlserve']:.1%} / {f['transformers']:.1%}"
-        print(f"{r['workload']:<11} {r['unit']:<10} {r['vlserve']:>10.1f} {r['transformers']:>13.1f} "
-              f"{r['speedup']:>7.2f}x {r['target'] or '-':>8} {met:>5}  {roofline}")
+        roofline = "-" if f is None else " / ".join(f"{v:.1%}" for v in f.values())
+        theirs = "-" if r["transformers"] is None else f"{r['transformers']:.1f}"
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"{r['workload']:<11} {r['unit']:<10} {r['vlserve']:>10.1f} {theirs:>13} "
+              f"{speedup:>8} {r['target'] or '-':>8} {met:>5}  {roofline}")
 
 
 def main(argv=None) -> int:
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
         gbs, how = bandwidth_gbs(device)
         context_tokens = args.input_len + args.output_len // 2  # the mean context over a decode1 request
         roofline = gbs * 1e9 / decode_bytes_per_token(cfg, dtype, context_tokens)
-        theirs = run_hf(args, folder, inputs, dtype, device)
+        theirs = {} if args.skip_transformers else run_hf(args, folder, inputs, dtype, device)
         print("transformers:", {name: round(value, 2) for name, value in theirs.items()}, flush=True)
         ours = run_vlserve(args, folder, inputs)
     rows = table(args, ours, theirs, roofline)

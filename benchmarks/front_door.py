@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--words", type=int, default=300_000)
     p.add_argument("--num-prompts", type=int, default=64, help="requests in the overhead section")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens in the overhead section")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens in the overhead section")
     p.add_argument("--engine-flags", default="", help="extra engine flags for the overhead section, e.g. "
                    "'--load-format dummy --max-model-len 4096'")
     p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "health", "overhead"])
@@ -150,7 +152,8 @@ def main() -> None:
     if "health" not in args.skip:
         results["health"] = bench_health(args.model, args.clients, args.words)
     if "overhead" not in args.skip:
-        workload = ["--num-prompts", str(args.num_prompts), "--input-len", "128", "--output-len", "64"]
+        workload = ["--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len), "--output-len",
+                    str(args.output_len)]
         results["overhead"] = bench_overhead(args.model, workload, args.engine_flags.split())
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
