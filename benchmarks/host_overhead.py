@@ -2,8 +2,8 @@
 
 On a GPU every millisecond here is a millisecond the card waits (the 256-request run of compare_hf.py kept an H100
 busy 44% of the time). This times each phase of a step (`LLM.step`: the engine core's step, then the output
-processor) with the model's own work split off: scheduling, building the step's inputs, sampling, appending tokens
-(stop checks, core outputs) and output processing (detokenization, stop strings, deltas). The
+processor) with the model's own work split off: scheduling, building the step's inputs, sampling, completing the
+step (reading its tokens, stop checks, core outputs) and output processing (detokenization, stop strings, deltas). The
 model's forward and logits run on the chosen device and are reported apart; on the CPU, sampling is device work
 too (it runs on the logits' device), so its figure is shown but not counted as host time.
 
@@ -25,7 +25,7 @@ import torch
 from vlserve import LLM, SamplingParams
 from vlserve.model.tiny import TinySpec, make_tiny
 
-HOST_PHASES = ("schedule", "prepare", "append tokens", "output processing")
+HOST_PHASES = ("schedule", "prepare", "complete", "output processing")
 SAMPLING = {
     "greedy": dict(temperature=0.0),
     "qwen": dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05),  # the checkpoints' defaults
@@ -59,8 +59,8 @@ def run(model: str, args) -> dict[str, float]:
     engine.scheduler.schedule = timed(phases, "schedule", engine.scheduler.schedule)
     engine.runner.prepare = timed(phases, "prepare", engine.runner.prepare)
     engine.runner.run = timed(phases, "forward + logits", engine.runner.run)
-    engine.sampler = timed(phases, "sample", engine.sampler)
-    engine.append_tokens = timed(phases, "append tokens", engine.append_tokens)
+    engine.runner.sampler.sample = timed(phases, "sample", engine.runner.sampler.sample)
+    engine.complete = timed(phases, "complete", engine.complete)
     llm.outputs.process = timed(phases, "output processing", llm.outputs.process)
     start = time.perf_counter()
     for _ in range(args.steps):

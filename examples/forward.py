@@ -35,7 +35,7 @@ with torch.no_grad():
     media_embeds = torch.cat(model.encode_media(media))
     ids = torch.tensor(request.prompt_token_ids, device=device)
     meta = AttentionMetadata.from_lengths([len(ids)])
-    hidden = model(ids, request.mrope_positions.to(device), meta, media_embeds, model.media_mask(ids))
+    hidden = model(ids, request.mrope_positions.to(device), meta, media_embeds, model.media_rows(ids))
     probs = model.compute_logits(hidden[-1:])[0].softmax(-1)
 
 tokenizer = inputs.tokenizer

@@ -18,7 +18,8 @@ def admit(bm, seq, num_tokens=None):
     num_tokens = num_tokens or seq.num_tokens
     assert bm.can_allocate(seq, num_tokens)
     bm.allocate(seq, num_tokens)
-    bm.mark_computed(seq, num_tokens)
+    seq.num_computed_tokens = num_tokens  # as the scheduler does
+    bm.mark_computed(seq)
 
 
 def test_ref_counts_and_free():
@@ -75,12 +76,13 @@ def test_hit_only_once_the_filling_step_is_scheduled():
     a = make_seq(range(50))
     bm.allocate(a, 50)
     assert bm.cached_prefix_len(make_seq(range(50))) == 0
-    bm.mark_computed(a, 20)  # the first chunk fills block 0 only
+    a.num_computed_tokens = 20
+    bm.mark_computed(a)  # the first chunk fills block 0 only
     b = make_seq(range(50))
     bm.allocate(b, 50)
     assert b.num_computed_tokens == b.num_cached_tokens == 16 and b.block_table[0] == a.block_table[0]
-    a.num_computed_tokens = 20
-    bm.mark_computed(a, 50)
+    a.num_computed_tokens = 50
+    bm.mark_computed(a)
     assert bm.cached_prefix_len(make_seq(range(50))) == 48
 
 
@@ -105,7 +107,7 @@ def test_disabled_prefix_caching_never_hits():
     admit(bm, make_seq(range(40)))
     seq = make_seq(range(40))
     admit(bm, seq)
-    assert seq.num_computed_tokens == 0 and (bm.queries, bm.hits) == (0, 0) and not bm.cached
+    assert seq.num_cached_tokens == 0 and (bm.queries, bm.hits) == (0, 0) and not bm.cached
 
 
 def test_freed_blocks_evicted_least_recently_freed_first():
@@ -156,8 +158,9 @@ def test_twin_blocks_computed_side_by_side():
     a, b = make_seq(range(20)), make_seq(range(20))
     bm.allocate(a, 20)
     bm.allocate(b, 20)  # admitted in the same step before a's blocks were marked: computes its own copy
-    bm.mark_computed(a, 20)
-    bm.mark_computed(b, 20)
+    a.num_computed_tokens = b.num_computed_tokens = 20
+    bm.mark_computed(a)
+    bm.mark_computed(b)
     assert bm.cached[a.block_hashes[0]] == a.block_table[0] and bm.blocks[b.block_table[0]].hash is None
     bm.free(a)
     bm.free(b)
@@ -173,10 +176,27 @@ def test_recompute_after_preemption_finds_its_generated_tokens():
     for t in range(5):  # decode steps: token 30.. computed one per step
         seq.output_token_ids.append(500 + t)
         bm.allocate(seq, seq.num_tokens)
-        bm.mark_computed(seq, seq.num_tokens)
         seq.num_computed_tokens += 1
+        bm.mark_computed(seq)
     seq.output_token_ids.append(505)
     bm.free(seq)
     seq.reset_for_recompute()
     bm.allocate(seq, seq.num_tokens)
     assert seq.num_tokens == 36 and seq.num_computed_tokens == 32  # block 1 holds prompt and generated tokens
+
+
+def test_a_block_waits_for_its_pending_token_to_become_findable():
+    """Async scheduling: the step computing a block's last token is launched before that token (the step
+    before's sample) reaches the host; the block is hashed, and findable, once it has."""
+    bm = BlockManager(8, BS)
+    seq = make_seq(range(BS - 1))
+    admit(bm, seq)
+    seq.num_pending_tokens = 1  # the prefill's sample, still on the device
+    bm.allocate(seq, BS)
+    seq.num_computed_tokens = BS  # the decode step that computes it is scheduled
+    bm.mark_computed(seq)
+    assert not bm.cached and seq.num_findable_blocks == 0
+    seq.output_token_ids.append(77)
+    seq.num_pending_tokens = 0
+    bm.mark_computed(seq)
+    assert bm.cached_prefix_len(make_seq([*range(BS - 1), 77, 5])) == BS

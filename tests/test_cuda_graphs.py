@@ -59,7 +59,7 @@ def test_decode_steps_get_one_row_positions(tiny_ckpt):
 
     def record(scheduled):
         step, seqs = prepare(scheduled)
-        shapes.append((tuple(step.positions.shape), step.is_decode, scheduled[0][0].rope_delta))
+        shapes.append((tuple(step.positions.shape), step.is_decode, scheduled[0].seq.rope_delta))
         return step, seqs
 
     runner.prepare = record
@@ -113,8 +113,9 @@ def test_graphs_agree_with_eager_bf16(tiny_ckpt):
 def expected_positions(scheduled) -> torch.Tensor:
     """Token by token: a multimodal prompt's own M-RoPE column, else `i + rope_delta` on all three rows."""
     columns = []
-    for seq, n in scheduled:
-        for i in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+    for item in scheduled:
+        seq = item.seq
+        for i in range(item.start, item.end):
             if seq.mrope_positions is not None and i < seq.num_prompt_tokens:
                 columns.append(seq.mrope_positions[:, i])
             else:
@@ -134,8 +135,8 @@ def test_step_positions_over_chunks_of_mixed_batches(tiny_ckpt):
         step, seqs = prepare(scheduled)
         expected = expected_positions(scheduled)
         assert torch.equal(step.positions, expected[0] if step.is_decode else expected)
-        picture_chunk = any(s.mrope_positions is not None and s.num_computed_tokens < s.num_prompt_tokens
-                            for s, _ in scheduled)
+        picture_chunk = any(s.seq.mrope_positions is not None and s.start < s.seq.num_prompt_tokens
+                            for s in scheduled)
         checked.append((step.is_decode, picture_chunk))
         return step, seqs
 

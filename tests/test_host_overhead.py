@@ -16,11 +16,11 @@ def test_times_each_phase_of_decode_steps(tiny_ckpt, capsys):
                                "--sampling", "qwen", "--kv-cache-gib", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "5 sequences decoding, prompts of 20 tokens, qwen sampling, device cpu" in out
-    ms = {label: float(m.group(1)) for label in ("schedule", "prepare", "append tokens", "forward \\+ logits",
+    ms = {label: float(m.group(1)) for label in ("schedule", "prepare", "complete", "forward \\+ logits",
                                                   "sample", "step")
           if (m := re.search(rf"  {label} +([0-9.]+) ms", out))}
     assert len(ms) == 6 and all(v > 0 for v in ms.values()), out
-    assert ms["step"] >= ms["schedule"] + ms["prepare"] + ms["append tokens"]
+    assert ms["step"] >= ms["schedule"] + ms["prepare"] + ms["complete"]
 
 
 def test_each_timed_step_decodes_every_sequence(tiny_ckpt, monkeypatch):
@@ -30,7 +30,7 @@ def test_each_timed_step_decodes_every_sequence(tiny_ckpt, monkeypatch):
     def spying_llm(*args, **kwargs):
         llm = original(*args, **kwargs)
         prepare = llm.core.runner.prepare
-        llm.core.runner.prepare = lambda scheduled: seen.append([n for _, n in scheduled]) or prepare(scheduled)
+        llm.core.runner.prepare = lambda scheduled: seen.append([s.num_new_tokens for s in scheduled]) or prepare(scheduled)
         return llm
 
     monkeypatch.setattr(host_overhead, "LLM", spying_llm)

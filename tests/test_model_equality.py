@@ -53,7 +53,7 @@ def our_logits(model, prompts, cfg):
     device = model.lm_head.weight.device
     ids = torch.tensor(ids, device=device)
     media_embeds = torch.cat(embeds) if embeds else None
-    hidden = model(ids, torch.cat(positions, dim=1).to(device), meta, media_embeds, model.media_mask(ids))
+    hidden = model(ids, torch.cat(positions, dim=1).to(device), meta, media_embeds, model.media_rows(ids))
     return [logits.cpu() for logits in model.compute_logits(hidden).split([len(p.token_ids) for p in prompts])]
 
 

@@ -1,4 +1,5 @@
 import random
+from collections import deque
 
 import pytest
 import torch
@@ -31,12 +32,16 @@ class FakeModel:
     """Plays the engine after each step, and checks every KV slot a sequence reads holds what it should.
 
     The KV of token j stands for everything the model saw up to j: its tokens and media. Each step first writes the
-    new tokens' KV, then checks all tokens each scheduled sequence attends to, as the runner does.
+    new tokens' KV, then checks all tokens each scheduled sequence attends to, as the runner does. A sampled token
+    is known at once on the "device" and reaches the host (`token_arrived`) `lag` steps later, as under async
+    scheduling (lag 1); a token from `stop_tokens` ends its sequence when it arrives.
     """
 
-    def __init__(self, sched):
-        self.sched, self.kv, self.steps = sched, {}, 0
+    def __init__(self, sched, lag=0, stop_tokens=()):
+        self.sched, self.kv, self.steps, self.lag, self.stop_tokens = sched, {}, 0, lag, set(stop_tokens)
         self.order = []  # sequences in order of first admission
+        self.pending = {}  # seq -> tokens sampled on the "device", not yet on the host
+        self.launched = deque()  # (scheduled, [(seq, token)]) of steps in flight
         take_free = sched.block_manager._take_free
 
         def take_garbage():  # a reused block holds stale KV until written again
@@ -57,32 +62,51 @@ class FakeModel:
             if seq not in self.order:
                 self.order.append(seq)
             assert s.num_new_tokens >= 1 and seq.status == SequenceStatus.RUNNING
-            for j in range(seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens):
+            assert seq.num_computed_tokens == s.end  # a sample is pending from here: the chunk reached the end
+            assert s.end == seq.num_tokens_with_pending - 1 if s.samples else s.end < seq.num_tokens_with_pending
+            for j in range(s.start, s.end):
                 self.kv[self.slot(seq, j)] = self.content(seq, j)
         for s in out.scheduled:
-            seq = s.seq
-            for j in range(seq.num_computed_tokens + s.num_new_tokens):
-                assert self.kv.get(self.slot(seq, j)) == self.content(seq, j), (seq.request_id, j)
+            for j in range(s.end):
+                assert self.kv.get(self.slot(s.seq, j)) == self.content(s.seq, j), (s.seq.request_id, j)
+        samples = []
         for s in out.scheduled:
-            seq = s.seq
-            seq.num_computed_tokens += s.num_new_tokens
-            if seq.num_computed_tokens == seq.num_tokens:  # the chunk reached the last token: sample
-                seq.output_token_ids.append(1000 + (seq.seq_id * 7 + seq.num_tokens) % 50)
-                if len(seq.output_token_ids) == seq.max_tokens:
-                    seq.status = SequenceStatus.FINISHED
-                    self.sched.finish(seq)
+            s.seq.in_flight += 1
+            if s.samples:
+                token = 1000 + (s.seq.seq_id * 7 + s.end) % 50
+                self.pending.setdefault(s.seq, []).append(token)
+                samples.append((s.seq, token))
+        if out.scheduled:
+            self.launched.append((out.scheduled, samples))
+        if len(self.launched) > self.lag or not out.scheduled and self.launched:  # as EngineCore.step
+            self.complete(*self.launched.popleft())
         self.steps += 1
         return out
+
+    def complete(self, scheduled, samples):
+        for s in scheduled:
+            s.seq.in_flight -= 1
+        for seq, token in samples:
+            assert self.pending[seq].pop(0) == token
+            if seq.is_finished:
+                continue  # stopped by the step before: this token is dropped
+            self.sched.token_arrived(seq, token)
+            if len(seq.output_token_ids) == seq.max_tokens or token in self.stop_tokens:
+                seq.status = SequenceStatus.FINISHED
+                self.sched.finish(seq)
+
+    def tokens(self, seq):
+        return seq.token_ids + self.pending.get(seq, [])
 
     def slot(self, seq, j):
         return seq.block_table[j // BS] * BS + j % BS
 
     def content(self, seq, j):
-        return (tuple(seq.token_ids[:j + 1]), seq.media_hashes_in(0, j + 1))
+        return (tuple(self.tokens(seq)[:j + 1]), seq.media_hashes_in(0, j + 1))
 
 
 def run_all(sched, model, max_steps=10_000):
-    while sched.has_unfinished():
+    while sched.has_unfinished() or model.launched:
         model.step()
         assert model.steps < max_steps, "the scheduler stopped making progress"
 
@@ -196,15 +220,18 @@ def test_refuses_what_can_never_fit_the_cache():
     check_fits(60, 5, capacity)  # 64 tokens, the last never computed: 4 blocks
 
 
-@pytest.mark.parametrize("chunked,prefix", [(True, True), (True, False), (False, True)])
-def test_random_load_finishes_everything(chunked, prefix):
-    rng = random.Random(f"{chunked}{prefix}")
+@pytest.mark.parametrize("chunked,prefix,lag", [(True, True, 0), (True, False, 0), (False, True, 0),
+                                                (True, True, 1), (False, False, 1)])
+def test_random_load_finishes_everything(chunked, prefix, lag):
+    """lag 1: async scheduling, tokens arrive a step late; sequences also stop on tokens, mid-flight."""
+    rng = random.Random(f"{chunked}{prefix}{lag}")
     budget = 64 if chunked else 256
     sched = make_scheduler(num_blocks=40, chunked=chunked, prefix=prefix, max_num_seqs=8,
-                           max_num_batched_tokens=budget, max_model_len=256)
+                           max_num_batched_tokens=budget, max_model_len=256, async_scheduling=bool(lag))
     system = list(range(3000, 3040))  # a shared system prompt, then one of two images with identical pad tokens
-    model, added = FakeModel(sched), []
-    while len(added) < 150 or sched.has_unfinished():
+    stop = {1000 + k for k in range(0, 50, 17)} if lag else set()
+    model, added = FakeModel(sched, lag, stop), []
+    while len(added) < 150 or sched.has_unfinished() or model.launched:
         for _ in range(rng.choice([0, 0, 1, 2]) if len(added) < 150 else 0):
             suffix = [rng.randrange(2000) for _ in range(rng.randrange(1, 150))]
             media = [(rng.choice(["cat", "dog"]), 40, 56)] if rng.random() < 0.5 else []
@@ -213,7 +240,9 @@ def test_random_load_finishes_everything(chunked, prefix):
             added.append(seq)
         model.step()
         assert model.steps < 20_000, "the scheduler stopped making progress"
-    assert all(s.is_finished and len(s.output_token_ids) == s.max_tokens for s in added)
+    assert all(s.is_finished and (len(s.output_token_ids) == s.max_tokens or s.output_token_ids[-1] in stop)
+               for s in added)
+    assert any(len(s.output_token_ids) < s.max_tokens for s in added) == bool(stop)
     assert model.order == added  # first admissions in arrival order: nobody overtakes an older request
     assert sum(s.num_preemptions for s in added) > 0
     assert (sched.block_manager.hits > 0) == prefix
@@ -224,19 +253,20 @@ def test_sequences_in_flight_are_skipped_and_never_preempted():
     """Pipeline parallel: a sequence whose step is still in the pipeline is neither scheduled again nor preempted
     (its blocks are being written); the step makes do with the others, or waits."""
     sched = make_scheduler(num_blocks=4)
-    old, new = make_seq(range(BS * 2), request_id="old"), make_seq(range(100, 100 + BS), request_id="new")
+    old, new = make_seq(range(BS * 2), 100, "old"), make_seq(range(100, 100 + BS), 100, "new")
     for seq in (old, new):
         sched.add(seq)
     assert [s.seq for s in sched.schedule().scheduled] == [old, new]  # 3 of 4 blocks
     for s in (old, new):
-        s.num_computed_tokens = s.num_tokens
+        s.num_pending_tokens = 0
         s.output_token_ids.append(7)  # each now needs one more block for its first output token
     new.in_flight = True
     out = sched.schedule()  # old needs a block: one is free
     assert [s.seq for s in out.scheduled] == [old] and not out.preempted
-    old.output_token_ids.extend([7] * BS)  # old needs a 4th block, none free; only `new` could give one
+    old.num_pending_tokens = 0
+    old.output_token_ids.extend([7] * (BS + 1))  # old needs a 4th block, none free; only `new` could give one
     old.num_computed_tokens = old.num_tokens - 1
-    sched.block_manager.mark_computed(old, old.num_computed_tokens)
+    sched.block_manager.mark_computed(old)
     out = sched.schedule()
     assert out.scheduled == [] and out.preempted == [] and new.status == SequenceStatus.RUNNING
     new.in_flight = False

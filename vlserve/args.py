@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run every decode step eagerly (saves capture time and a little memory)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepare and launch each step while the last one runs on the device, its tokens read a step "
+                   "late (one rank; tensor and pipeline parallel steps wait for the last one)")
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split each layer")
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="stages that split the layers")
     g.add_argument("--pp-layer-partition", metavar="N,N,...", help="layers per pipeline stage, e.g. 10,10,8 "
@@ -91,6 +94,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
         distributed_executor_backend=args.distributed_executor_backend, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition, "layer counts", "10,10,8"),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),

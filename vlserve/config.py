@@ -243,6 +243,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens (prefill chunks + decodes) in one step
     max_model_len: int = 32768  # prompt + output tokens of one sequence
     enable_chunked_prefill: bool = True
+    # Schedule a sequence again while its last step is in flight (its new token still on the device). Only where
+    # the steps run in order on one stream: a later step's KV writes then come after an earlier step's.
+    async_scheduling: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -283,6 +286,7 @@ class EngineConfig:
     mm_encoder_tp_mode: str = "data"  # vision tower under TP: data (whole per rank, images spread) or weights (split)
     distributed_executor_backend: str | None = None  # local | mp | ray; None: see executor.choose_backend
     enforce_eager: bool = False  # no CUDA graphs: every decode step runs the model eagerly
+    async_scheduling: bool = True  # schedule step N+1 while step N runs (one rank; see engine/core.py)
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (only config + tokenizer read)

@@ -21,6 +21,7 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
     set_tp_group
 from vlserve.engine.model_runner import ModelRunner
+from vlserve.engine.sampler import SamplerOutput
 from vlserve.errors import ConfigError, EngineDeadError
 from vlserve.media.item import MediaItem
 
@@ -125,6 +126,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class MultiprocRunner:
     """Global rank 0; the same interface as ModelRunner for the engine."""
 
+    reads_pending_tokens = False  # other ranks get each step from the host: its tokens must be there
+
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  progress: bool):
         self.closed = self.broken = False
@@ -222,10 +225,14 @@ class MultiprocRunner:
             dist.broadcast_object_list([("run", (step,))], src=0, group=self.control)
             return sample_seqs, self.runner.launch(step)
 
-    def wait(self, handle):
+    def wait(self, handle) -> tuple[list, SamplerOutput]:
+        """Rank 0 samples once the step's logits are here (from the last stage under pipeline parallel)."""
         sample_seqs, pending = handle
         with self.collective():
-            return sample_seqs, self.runner.collect(pending)
+            logits = self.runner.collect(pending)
+        if not sample_seqs:
+            return [], SamplerOutput([], [])
+        return sample_seqs, self.runner.sampler(logits, sample_seqs)
 
     def check_workers(self) -> None:
         for worker in self.workers:

@@ -1,9 +1,10 @@
 """Paged KV cache bookkeeping: which blocks each sequence holds, and the automatic prefix cache.
 
 A full block is findable by a hash chained over every token before it and the media whose pad tokens it covers.
-A block becomes findable once the step that fills it is scheduled: the runner stores all of a step's KV before
-any attention reads it, so a sequence admitted in that step or later may use it, while one admitted earlier
-looked it up before it existed. Freed blocks keep their hash until the space is needed again.
+A block becomes findable once the step that fills it is scheduled and its tokens are known on the host (under
+async scheduling the last one may still be on the device): the runner stores all of a step's KV before any
+attention reads it, so a sequence admitted in that step or later may use it, while one admitted earlier looked it
+up before it existed. Freed blocks keep their hash until the space is needed again.
 """
 
 import hashlib
@@ -74,7 +75,7 @@ class BlockManager:
             hits = self._lookup(seq)
             for b in hits:
                 self._share(b)
-            seq.block_table = hits
+            seq.block_table, seq.num_findable_blocks = hits, len(hits)
             seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
             if self.enable_prefix_caching:
                 self.queries += seq.num_tokens
@@ -82,16 +83,19 @@ class BlockManager:
         for _ in range(self.blocks_for(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free())
 
-    def mark_computed(self, seq: Sequence, upto: int) -> None:
-        """Makes findable the blocks that tokens [seq.num_computed_tokens, upto) fill; call when scheduling them."""
+    def mark_computed(self, seq: Sequence) -> None:
+        """Makes findable the full blocks whose KV is computed or scheduled (num_computed_tokens) and whose tokens
+        are known on the host (a pending token's block waits for it); call after scheduling and as tokens arrive."""
         if not self.enable_prefix_caching:
             return
-        for i in range(seq.num_computed_tokens // self.block_size, upto // self.block_size):
+        upto = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        for i in range(seq.num_findable_blocks, upto):
             h, b = self._hash(seq, i), seq.block_table[i]
             # A sequence admitted before the first copy became findable computes its own; the first stays findable.
             if h not in self.cached:
                 self.cached[h] = b
                 self.blocks[b].hash = h
+        seq.num_findable_blocks = max(seq.num_findable_blocks, upto)
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so they are evicted before the prefix they chain on.
@@ -102,7 +106,7 @@ class BlockManager:
                 self.free_ids[b] = None
                 if block.hash is None:
                     self.free_ids.move_to_end(b, last=False)
-        seq.block_table = []
+        seq.block_table, seq.num_findable_blocks = [], 0
 
     def assert_all_free(self) -> None:
         leaked = [b for b, block in enumerate(self.blocks) if block.ref_count]

@@ -3,11 +3,17 @@
 It takes EngineRequests the input processor has validated and returns, per step, the new token ids of each sample
 that moved (CoreOutput), deciding only the stops that need no text (stop tokens, max_tokens, max_model_len).
 `vlserve serve` runs it in its own process (core_process.py); `LLM` calls it in-process. Both through this class.
+
+Async scheduling (one rank; --no-async-scheduling turns it off): each `step` schedules and launches step N+1 while
+step N runs on the device, then returns step N's tokens, so the device never waits for the host between steps.
+Stops are therefore decided a step late: a sequence that stopped at step N was also in step N+1, whose token for
+it is dropped. Under pipeline parallel one step per stage is in flight instead, each with other sequences.
 """
 
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 
 import torch
 
@@ -15,7 +21,6 @@ from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, Sc
 from vlserve.distributed.executor import make_runner
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineStats
-from vlserve.engine.sampler import Sampler
 from vlserve.engine.scheduler import ScheduledSeq, Scheduler
 from vlserve.engine.sequence import Sequence, SequenceStatus
 from vlserve.engine.stop import check_stop
@@ -40,15 +45,25 @@ class EngineCore:
         torch.manual_seed(config.seed)
         check_before_loading(self.model_config, config, self.device)  # the planner's checks, no weights read
         self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
+        self.async_scheduling = self.can_schedule_async(config)
+        scheduler_config = replace(scheduler_config, async_scheduling=self.async_scheduling)
         num_blocks = self.num_kv_blocks(scheduler_config)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.in_flight: deque = deque()  # (scheduled, runner handle) of batches submitted, oldest first
-        self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
+        # Steps in flight at most: one per pipeline stage, or the one running and the next under async scheduling
+        self.depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else 1 + self.async_scheduling
         self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
         self.requests: dict[str, list[Sequence]] = {}  # unfinished samples of each request
         self.log_capacity(num_blocks)
+
+    def can_schedule_async(self, config: EngineConfig) -> bool:
+        if config.async_scheduling and not self.runner.reads_pending_tokens:
+            log.info("async scheduling runs in one process for now: with the %s executor each step waits for the "
+                     "last one's tokens", config.distributed_executor_backend)
+            return False
+        return config.async_scheduling
 
     @property
     def capacity(self) -> Capacity:
@@ -108,15 +123,15 @@ class EngineCore:
 
     # ---- one step ----
     def step(self) -> list[CoreOutput]:
-        """Schedules and submits a batch, then returns the outputs of the oldest batch in flight. With pipeline
-        parallel, up to one batch per stage is in flight (disjoint sequences), so every stage has work."""
-        depth = self.config.pipeline_parallel_size
-        if len(self.in_flight) < depth:
+        """Schedules and submits a batch, then returns the outputs of the oldest batch in flight, leaving up to
+        `depth` - 1 batches running (see the module docstring)."""
+        if len(self.in_flight) < self.depth:
+            pipeline = self.config.pipeline_parallel_size
             active = self.scheduler.num_running + self.scheduler.num_waiting
-            out = self.scheduler.schedule(max_seqs=-(-active // depth) if depth > 1 else None)
+            out = self.scheduler.schedule(max_seqs=-(-active // pipeline) if pipeline > 1 else None)
             if out.scheduled:
                 self.in_flight.append(self.submit(out.scheduled))
-                if len(self.in_flight) < depth:
+                if len(self.in_flight) < self.depth:
                     return []  # room for another batch before waiting on this one
         return self.complete(self.in_flight.popleft()) if self.in_flight else []
 
@@ -124,27 +139,19 @@ class EngineCore:
         now = time.monotonic()
         for item in scheduled:
             item.seq.scheduled_time = item.seq.scheduled_time or now
-            item.seq.in_flight = True
-        return scheduled, self.runner.submit([(item.seq, item.num_new_tokens) for item in scheduled])
+            item.seq.in_flight += 1
+        return scheduled, self.runner.submit(scheduled)
 
     def complete(self, batch) -> list[CoreOutput]:
         scheduled, handle = batch
-        seqs, logits = self.runner.wait(handle)
+        seqs, sampled = self.runner.wait(handle)
         for item in scheduled:
-            item.seq.in_flight = False
-            item.seq.num_computed_tokens += item.num_new_tokens
-        live = [i for i, seq in enumerate(seqs) if not seq.is_finished]  # aborted while in flight
-        if not live:
-            return []
-        if len(live) < len(seqs):
-            seqs, logits = [seqs[i] for i in live], logits[live]
-        return self.append_tokens(seqs, self.sampler(logits, seqs))
-
-    def append_tokens(self, seqs: list[Sequence], sampled) -> list[CoreOutput]:
+            item.seq.in_flight -= 1
         outputs = []
-        for i, seq in enumerate(seqs):
-            token, logprob = sampled.token_ids[i], sampled.logprobs[i]
-            seq.output_token_ids.append(token)
+        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+            if seq.is_finished:
+                continue  # aborted while in flight, or stopped by the step before: the token is dropped
+            self.scheduler.token_arrived(seq, token)
             out = CoreOutput(seq.request_id, seq.index, [token], None if logprob is None else [logprob],
                              num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
                              scheduled_time=seq.scheduled_time)
@@ -156,6 +163,7 @@ class EngineCore:
         return outputs
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """Retires a sequence whose last token arrived (it may be in a step still in flight: see `complete`)."""
         seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, reason, time.monotonic()
         self.scheduler.finish(seq)
         self.forget_finished(seq.request_id)

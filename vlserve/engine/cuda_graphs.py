@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vlserve.model.layers.attention import AttentionMetadata
+from vlserve.transfer import to_device
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # a subset of vLLM's, to keep capture short
 
@@ -89,16 +90,21 @@ class DecodeGraphs:
     def covers(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states (size, hidden) of a decode step (CPU inputs); rows past the batch are padding. The
-        tensor is the graph's output buffer: read it before the next replay."""
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+               pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states (size, hidden) of a decode step (CPU inputs; `pending`: (rows, token ids) on the
+        device that replace those rows' input ids); rows past the batch are padding. The tensor is the graph's
+        output buffer: read it before the next replay."""
         size = bucket(self.sizes, len(input_ids))
         padded = pad_decode(input_ids, positions, meta, size, self.spare_block, self.block_size)
         b = self.buffers
-        b.input_ids[:size].copy_(padded.input_ids, non_blocking=True)
-        b.positions[:size].copy_(padded.positions, non_blocking=True)
-        b.slot_mapping[:size].copy_(padded.slot_mapping, non_blocking=True)
-        b.context_lens[:size].copy_(padded.context_lens, non_blocking=True)
-        b.block_tables[:size, :padded.block_tables.shape[1]].copy_(padded.block_tables, non_blocking=True)
+        b.input_ids[:size].copy_(to_device(padded.input_ids, b.input_ids.device), non_blocking=True)
+        b.positions[:size].copy_(to_device(padded.positions, b.input_ids.device), non_blocking=True)
+        b.slot_mapping[:size].copy_(to_device(padded.slot_mapping, b.input_ids.device), non_blocking=True)
+        b.context_lens[:size].copy_(to_device(padded.context_lens, b.input_ids.device), non_blocking=True)
+        b.block_tables[:size, :padded.block_tables.shape[1]].copy_(
+            to_device(padded.block_tables, b.input_ids.device), non_blocking=True)
+        if pending is not None:
+            b.input_ids[pending[0]] = pending[1]
         self.graphs[size].replay()
         return self.outputs[size]

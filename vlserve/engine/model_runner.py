@@ -1,23 +1,30 @@
 """Runs one scheduled step on the model: builds flat inputs from block tables, encodes media not seen before,
-runs the language model over the paged KV cache and returns the logits of the sequences that sample."""
+runs the language model over the paged KV cache and samples the sequences whose chunk reached their last token.
+
+`submit` launches a step and returns at once: the sampled token ids stay on the device, where the next step reads
+the ones the host has not seen yet (async scheduling), and reach the host in the background; `wait` returns them.
+Nothing between the two waits for the device (no `.item()`, `.tolist()` or pageable copies: vlserve/transfer.py).
+"""
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from vlserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig
 from vlserve.distributed.parallel_state import pipeline_stage, tp_all_gather, tp_rank, tp_size
 from vlserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
-from vlserve.engine.sampler import sample_worst_case
+from vlserve.engine.sampler import PendingTokens, SampledTokens, Sampler, SamplerOutput, sample_worst_case
+from vlserve.engine.scheduler import ScheduledSeq
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
 from vlserve.media.item import MediaItem
 from vlserve.media.options import MediaOptions
 from vlserve.model.layers.attention import Attention, AttentionMetadata
 from vlserve.model.loader import load_model
+from vlserve.transfer import device_tensor, to_device
 
 log = logging.getLogger("vlserve.engine")
 
@@ -56,21 +63,32 @@ class StepInput:
     positions: torch.Tensor  # (3, T); (T,) in a decode step (see is_decode)
     meta: AttentionMetadata
     media_embeds: torch.Tensor | None
-    media_mask: torch.Tensor | None
+    media_rows: torch.Tensor | None  # (pads,) where the media pad tokens are in the flat batch, in order
     sample_rows: list[int]  # row of each sampling sequence's last token in the flat batch
+    # Rows whose token is still on the device (async scheduling), and where each is among the step before's samples
+    pending_rows: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "StepInput":
         def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else to_device(t, device)
 
         return StepInput(move(self.input_ids), move(self.positions), self.meta.to(device), move(self.media_embeds),
-                         move(self.media_mask), self.sample_rows)
+                         move(self.media_rows), self.sample_rows, self.pending_rows, self.pending_src)
 
     @property
     def is_decode(self) -> bool:
         """One new token per sequence and no media: text tokens' three M-RoPE rows are equal, so `prepare` gives
         decode steps 1-D positions (`pos + rope_delta`), the form CUDA graphs capture."""
         return self.positions.dim() == 1
+
+
+@dataclass
+class StepHandle:
+    """A submitted step: the sequences that sample in it, in row order, and their samples."""
+
+    sample_seqs: list[Sequence]
+    sampled: SampledTokens | None
 
 
 @dataclass
@@ -98,6 +116,8 @@ def last_stage_first_rank(stage) -> int:
 
 
 class ModelRunner:
+    reads_pending_tokens = True  # a step's inputs may hold the step before's samples, still on the device
+
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  progress: bool = True):
         self.cfg, self.device, self.dtype = model_cfg, device, dtype
@@ -111,6 +131,8 @@ class ModelRunner:
         self.encode = self.model.encode_media  # a tensor-parallel runner spreads images over its ranks instead
         self.step_tag = 0  # steps launched: tags the messages between pipeline stages
         self.handoff = []  # (send, tensor) of this stage's hand-off of the last step: tensors live until sent
+        self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
+        self.pending: PendingTokens | None = None  # the samples of the last step submitted, until it is waited on
 
     def kv_bytes_per_block(self) -> int:
         a = self.attention_layers[0]
@@ -157,14 +179,22 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def submit(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Computes `n` new tokens for each (seq, n), at once in one process; the result (the sequences whose
-        context is now complete and the (B, vocab) float32 logits of their last token) is `wait`'s handle."""
+    def submit(self, scheduled: list[ScheduledSeq]) -> StepHandle:
+        """Launches the step and its sampling; returns without waiting for the device."""
         step, sample_seqs = self.prepare(scheduled)
-        return sample_seqs, self.run(step)
+        logits = self.run(step)
+        sampled = self.sampler.sample(logits, sample_seqs, self.pending) if sample_seqs else None
+        self.pending = None if sampled is None else PendingTokens(
+            sampled.token_ids, {seq.seq_id: i for i, seq in enumerate(sample_seqs)})
+        return StepHandle(sample_seqs, sampled)
 
-    def wait(self, handle) -> tuple[list[Sequence], torch.Tensor]:
-        return handle
+    def wait(self, handle: StepHandle) -> tuple[list[Sequence], SamplerOutput]:
+        """The step's samples on the host, in the order of its sampling sequences."""
+        if handle.sampled is None:
+            return [], SamplerOutput([], [])
+        if self.pending is not None and self.pending.token_ids is handle.sampled.token_ids:
+            self.pending = None  # its tokens reach the host now: later steps read them there
+        return handle.sample_seqs, handle.sampled.read()
 
     def run(self, step: StepInput) -> torch.Tensor | None:
         """Runs this rank's part of the step; returns the sampling logits on global rank 0, None elsewhere."""
@@ -180,11 +210,15 @@ class ModelRunner:
         self.step_tag += 1  # matches each step's messages between stages on Gloo (NCCL keeps their order)
         rows = len(step.sample_rows)
         if self.graphs is not None and step.is_decode and self.graphs.covers(len(step.input_ids)):
-            out = self.graphs.replay(step.input_ids, step.positions, step.meta)  # one stage: graphs need it
+            # one stage: graphs need it
+            out = self.graphs.replay(step.input_ids, step.positions, step.meta, self.pending_tokens(step))
         else:
+            pending = self.pending_tokens(step)
             step = step.to(self.device)
+            if pending is not None:
+                step.input_ids[pending[0]] = pending[1]
             intermediate = None if stage.is_first else self.receive_intermediate(len(step.input_ids), stage)
-            out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_mask,
+            out = self.model(step.input_ids, step.positions, step.meta, step.media_embeds, step.media_rows,
                              intermediate)
         if not stage.is_last:
             for send, _ in self.handoff:
@@ -192,7 +226,7 @@ class ModelRunner:
             self.handoff = [(dist.isend(t, stage.next_rank, tag=self.step_tag), t) for t in map(self.my_slice, out)]
             return self.post_logits_receive(rows, stage)
         if rows:
-            logits = self.model.compute_logits(out[torch.tensor(step.sample_rows, device=self.device)])
+            logits = self.model.compute_logits(out[device_tensor(step.sample_rows, torch.long, self.device)])
         else:
             logits = out.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
         if stage.num_stages == 1:
@@ -200,6 +234,13 @@ class ModelRunner:
         if dist.get_rank() == last_stage_first_rank(stage) and rows:
             dist.send(logits, 0, tag=self.step_tag)
         return PendingLogits(None)
+
+    def pending_tokens(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, token ids) on the device of the step's tokens the host has not seen: the step before's samples."""
+        if not step.pending_rows:
+            return None
+        src = device_tensor(step.pending_src, torch.long, self.device)
+        return device_tensor(step.pending_rows, torch.long, self.device), self.pending.token_ids[src]
 
     def collect(self, pending: "PendingLogits") -> torch.Tensor | None:
         if pending.receive is not None:
@@ -234,56 +275,63 @@ class ModelRunner:
             dist.recv(t, stage.prev_rank, tag=self.step_tag)
         return tuple(tp_all_gather(t, dim=-1) for t in parts) if self.sliced_handoff() else parts
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInput, list[Sequence]]:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, list[Sequence]]:
         encoded = self.encode_media(scheduled)
-        ids, flat_positions, slots, media_mask, media_rows = [], [], [], [], []
+        ids, flat_positions, slots, media_rows, media_parts = [], [], [], [], []
         prompt_mrope = []  # (first row in the batch, (3, k) M-RoPE positions of a multimodal prompt's tokens)
         cu, context_lens, tables, sample_rows, sample_seqs = [0], [], [], [], []
+        pending_rows, pending_src = [], []
         size = self.block_size
-        for seq, n in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        for item in scheduled:
+            seq, start, end, n = item.seq, item.start, item.end, item.num_new_tokens
             ids += seq.tokens(start, end)
+            if len(ids) < cu[-1] + n:  # its last token is the step before's sample, still on the device
+                pending_rows.append(len(ids))
+                pending_src.append(self.pending.rows[seq.seq_id])
+                ids.append(0)
             # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
             flat_positions += range(start + seq.rope_delta, end + seq.rope_delta)
             if seq.mrope_positions is not None and start < seq.num_prompt_tokens:
                 prompt_mrope.append((cu[-1], seq.mrope_positions[:, start:min(end, seq.num_prompt_tokens)]))
             table = seq.block_table
             slots += [table[i // size] * size + i % size for i in range(start, end)]
-            mask, rows = self.media_for(seq, start, end, encoded)
-            media_mask += mask
-            media_rows += rows
+            rows, parts = self.media_for(seq, start, end, encoded)
+            media_rows += [cu[-1] + r for r in rows]
+            media_parts += parts
             cu.append(cu[-1] + n)
             context_lens.append(end)
             tables.append(table)
-            if end == seq.num_tokens:
+            if item.samples:
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
         # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
         # here, and each moves it to its own device.
-        meta = AttentionMetadata.from_lengths([n for _, n in scheduled], context_lens, tables, slots)
-        decode = not media_rows and all(n == 1 for _, n in scheduled)
+        lengths = [item.num_new_tokens for item in scheduled]
+        meta = AttentionMetadata.from_lengths(lengths, context_lens, tables, slots)
+        decode = not media_parts and all(n == 1 for n in lengths)
         step = StepInput(torch.tensor(ids), step_positions(flat_positions, prompt_mrope, decode), meta,
-                         torch.cat(media_rows) if media_rows else None,
-                         torch.tensor(media_mask) if media_rows else None, sample_rows)
+                         torch.cat(media_parts) if media_parts else None,
+                         torch.tensor(media_rows) if media_parts else None, sample_rows, pending_rows, pending_src)
         return step, sample_seqs
 
     def media_for(self, seq: Sequence, start: int, end: int,
-                  encoded: dict[str, torch.Tensor]) -> tuple[list[bool], list[torch.Tensor]]:
-        """Which of the tokens [start, end) are media pads, and their embedding rows in order."""
-        mask, rows = [False] * (end - start), []
+                  encoded: dict[str, torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+        """Which of the tokens [start, end) are media pads (offsets from start), and their embedding rows in
+        order."""
+        rows, parts = [], []
         for span in seq.media:
             lo, hi = max(start, span.start), min(end, span.end)
             if lo < hi:
-                mask[lo - start:hi - start] = [True] * (hi - lo)
-                rows.append(encoded[span.content_hash][lo - span.start:hi - span.start])
-        return mask, rows
+                rows += range(lo - start, hi - start)
+                parts.append(encoded[span.content_hash][lo - span.start:hi - span.start])
+        return rows, parts
 
-    def encode_media(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, torch.Tensor]:
+    def encode_media(self, scheduled: list[ScheduledSeq]) -> dict[str, torch.Tensor]:
         """Embeddings of every item with pads in this step: cached ones reused, the rest in one vision pass."""
         encoded, missing = {}, {}
-        for seq, n in scheduled:
-            for span in seq.media:
-                if span.start < seq.num_computed_tokens + n and seq.num_computed_tokens < span.end:
+        for item in scheduled:
+            for span in item.seq.media:
+                if span.start < item.end and item.start < span.end:
                     key = span.content_hash
                     if key not in encoded and key not in missing:
                         cached = self.vision_cache.get(key)

@@ -4,11 +4,16 @@ Strict first-come first-served: running sequences go first, oldest first; then w
 head of the queue until one does not fit, so no request is overtaken. When KV blocks run out, the newest running
 sequence is preempted (its KV dropped, recomputed later from its tokens) and requeued at the front.
 
-Contract with the engine: a scheduled sequence computes tokens [num_computed_tokens, num_computed_tokens +
-num_new_tokens); `schedule` has already made their full blocks findable in the prefix cache. After the step the
-engine adds num_new_tokens to num_computed_tokens, appends a sampled token where the chunk reached the last token,
-and calls `finish` on each sequence that is done. `abort` and `finish` run between steps. Under pipeline parallel a
-sequence may be `in_flight` (its step not back yet): it is skipped, and never preempted.
+Contract with the engine: a scheduled sequence computes tokens [start, start + num_new_tokens); `schedule` has
+already advanced num_computed_tokens past them and made their full blocks findable in the prefix cache. A chunk
+that reaches the sequence's last token samples one: `schedule` counts it in num_pending_tokens until the engine
+appends it (`token_arrived`) and calls `finish` on each sequence that is done. `abort` and `finish` run between
+steps.
+
+A sequence whose step is not back yet is `in_flight`. Under async scheduling (one stream: steps run in the order
+they are launched) it is scheduled again at once, its pending token read on the device, and may be preempted: a
+later step's writes to its freed blocks come after the earlier step's. Under pipeline parallel (stages in several
+processes) it is skipped, and never preempted.
 """
 
 import time
@@ -23,7 +28,13 @@ from vlserve.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # computed this step, starting at seq.num_computed_tokens
+    start: int  # the first token computed this step
+    num_new_tokens: int  # computed this step
+    samples: bool  # the chunk reaches the last token: the step samples the next one
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
 
 
 @dataclass
@@ -71,9 +82,11 @@ class Scheduler:
         for seq in list(self.running):  # a copy: making room may preempt the newest
             if not budget or seq.status != SequenceStatus.RUNNING or len(out.scheduled) == max_seqs:
                 break  # out of tokens, seq was preempted to make room for an older one, or the batch is full
-            if seq.in_flight:
+            if seq.in_flight and not self.cfg.async_scheduling:
                 continue  # its last step's token has not come back yet
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._done_after_pending(seq):
+                continue  # its pending token is its last: nothing more to compute
+            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
                 short_of_blocks = True  # seq preempted itself, or the newest is in flight and cannot make room
                 break
@@ -94,8 +107,16 @@ class Scheduler:
             budget -= chunk[1]
         return out
 
+    def token_arrived(self, seq: Sequence, token: int) -> None:
+        """A pending token reached the host (a preempted sequence keeps it: it was sampled from a full context)."""
+        seq.num_pending_tokens -= 1
+        seq.output_token_ids.append(token)
+        if seq.block_table:
+            self.block_manager.mark_computed(seq)  # the token may complete a block whose KV is being computed
+
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """Retires a running sequence, or one preempted while its last token was in flight."""
+        (self.running if seq in self.running else self.waiting).remove(seq)
         self.block_manager.free(seq)
 
     def abort(self, request_id: str, index: int | None = None) -> list[Sequence]:
@@ -108,8 +129,15 @@ class Scheduler:
             seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, "abort", time.monotonic()
         return seqs
 
+    def _done_after_pending(self, seq: Sequence) -> bool:
+        """Its pending token reaches max_tokens or max_model_len: the engine will stop it whatever the token."""
+        return seq.num_pending_tokens > 0 and (seq.num_outputs_with_pending >= seq.max_tokens or
+                                              seq.num_tokens_with_pending >= self.cfg.max_model_len)
+
     def _first_chunk(self, seq: Sequence, budget: int) -> tuple[int, int] | None:
         """(cached tokens, tokens to compute) if the waiting seq can be admitted now."""
+        if seq.num_pending_tokens:
+            return None  # preempted while its last token was in flight: it recomputes once the token is here
         cached = self.block_manager.cached_prefix_len(seq)
         num_new = min(seq.num_tokens - cached, budget)
         if num_new < seq.num_tokens - cached and not self.cfg.enable_chunked_prefill:
@@ -118,14 +146,17 @@ class Scheduler:
 
     def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput) -> None:
         self.block_manager.allocate(seq, start + num_new)
-        self.block_manager.mark_computed(seq, start + num_new)
-        out.scheduled.append(ScheduledSeq(seq, num_new))
+        seq.num_computed_tokens = start + num_new
+        self.block_manager.mark_computed(seq)
+        samples = seq.num_computed_tokens == seq.num_tokens_with_pending
+        seq.num_pending_tokens += samples
+        out.scheduled.append(ScheduledSeq(seq, start, num_new, samples))
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Preempts the newest running sequences until seq's first num_tokens tokens fit; False if seq went, or if
         the newest is in flight (its blocks are being written: seq waits for a later step)."""
         while not self.block_manager.can_allocate(seq, num_tokens):
-            if self.running[-1].in_flight:
+            if self.running[-1].in_flight and not self.cfg.async_scheduling:
                 return False
             victim = self.running.pop()
             self.block_manager.free(victim)

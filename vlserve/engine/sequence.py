@@ -48,7 +48,12 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks; tokens only grow, so kept
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache (prefix-cache hits included)
+    # Tokens whose KV is in the cache or being computed by a step already scheduled (prefix-cache hits included)
+    num_computed_tokens: int = 0
+    # Tokens sampled (or being sampled) on the device by steps in flight and not yet appended to output_token_ids:
+    # under async scheduling the next step is scheduled before the last one's token reaches the host.
+    num_pending_tokens: int = 0
+    num_findable_blocks: int = 0  # leading full blocks already findable in the prefix cache
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -57,7 +62,7 @@ class Sequence:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
-    in_flight: bool = False  # in a step whose result has not come back (pipeline parallel keeps several going)
+    in_flight: int = 0  # steps holding this sequence whose results have not come back
     prompt_ids_tensor: torch.Tensor | None = None  # the sampler's copy of the prompt ids on the logits' device
 
     @property
@@ -67,6 +72,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return self.num_tokens + self.num_pending_tokens
+
+    @property
+    def num_outputs_with_pending(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def token_ids(self) -> list[int]:
@@ -94,6 +107,7 @@ class Sequence:
         """After preemption: the KV is gone; prompt and generated tokens are recomputed as one longer prefill."""
         self.status = SequenceStatus.WAITING
         self.block_table = []
+        self.num_findable_blocks = 0
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions += 1

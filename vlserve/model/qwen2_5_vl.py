@@ -63,30 +63,32 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         embeds = self.visual(pixels, [item.grid_thw for item in items])
         return list(embeds.split([item.num_tokens for item in items]))
 
-    def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Image/video pad tokens of a prompt (generated tokens never carry media: the runner masks by span)."""
-        return (input_ids == self.media_token_ids[0]) | (input_ids == self.media_token_ids[1])
+    def media_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where a prompt's image/video pad tokens are (generated tokens never carry media: the runner finds them
+        by span, on the host)."""
+        return ((input_ids == self.media_token_ids[0]) | (input_ids == self.media_token_ids[1])).nonzero()[:, 0]
 
     def embed(self, input_ids: torch.Tensor, media_embeds: torch.Tensor | None,
-              media_mask: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the rows at `media_mask` replaced, in order, by the rows of `media_embeds`."""
+              media_rows: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the rows `media_rows` (indices, in order) replaced by the rows of `media_embeds`.
+        Indices, not a mask: a mask would make the host wait for the device to count it."""
         x = self.model.embed_tokens(input_ids)
         if media_embeds is None:
             return x
-        n = int(media_mask.sum())
-        if n != media_embeds.shape[0]:
-            raise InvalidRequestError(f"the batch holds {n} image/video pad tokens but {media_embeds.shape[0]} "
-                                      "media embeddings were given; each pad token needs one embedding row")
-        x[media_mask] = media_embeds.to(x.dtype)
+        if media_rows.numel() != media_embeds.shape[0]:
+            raise InvalidRequestError(f"the batch holds {media_rows.numel()} image/video pad tokens but "
+                                      f"{media_embeds.shape[0]} media embeddings were given; each pad token needs "
+                                      "one embedding row")
+        x[media_rows] = media_embeds.to(x.dtype)
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                media_embeds: torch.Tensor | None = None, media_mask: torch.Tensor | None = None,
+                media_embeds: torch.Tensor | None = None, media_rows: torch.Tensor | None = None,
                 intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The last stage returns final hidden states (T, hidden), which `compute_logits` turns into logits; an
         earlier stage returns (hidden, residual) for the next one, which passes them back in `intermediate`."""
         if self.stage.is_first:
-            x, residual = self.embed(input_ids, media_embeds, media_mask), None
+            x, residual = self.embed(input_ids, media_embeds, media_rows), None
         else:
             x, residual = intermediate
         x, residual = self.model(x, residual, positions, meta)

@@ -15,6 +15,7 @@ from torch import nn
 
 from vlserve.kernels.kv_store import store_kv_ref
 from vlserve.kernels.paged_attention import paged_attention_ref, varlen_attention_ref
+from vlserve.transfer import to_device
 
 
 @dataclass
@@ -55,7 +56,7 @@ class AttentionMetadata:
     def to(self, device: torch.device) -> "AttentionMetadata":
         if self.cu_seqlens.device == device:
             return self
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+        moved = {f.name: to_device(getattr(self, f.name), device) for f in fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **moved)
 
