@@ -88,7 +88,7 @@ def test_max_tokens_never_schedules_a_step_past_the_end(tiny_ckpt, device):
     llm = engine(tiny_ckpt, device, True)
     launched = []
     submit = llm.core.runner.submit
-    llm.core.runner.submit = lambda scheduled: launched.append(len(scheduled)) or submit(scheduled)
+    llm.core.runner.submit = lambda scheduled, departed: launched.append(len(scheduled)) or submit(scheduled, departed)
     out = llm.generate("Hello!", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 5 and launched == [1] * 5  # a prefill and four decodes: no sixth step

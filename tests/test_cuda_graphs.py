@@ -57,8 +57,8 @@ def test_decode_steps_get_one_row_positions(tiny_ckpt):
     runner, shapes = llm.core.runner, []
     prepare = runner.prepare
 
-    def record(scheduled):
-        step, seqs = prepare(scheduled)
+    def record(scheduled, departed=()):
+        step, seqs = prepare(scheduled, departed)
         shapes.append((tuple(step.positions.shape), step.is_decode, scheduled[0].seq.rope_delta))
         return step, seqs
 
@@ -131,8 +131,8 @@ def test_step_positions_over_chunks_of_mixed_batches(tiny_ckpt):
     runner, checked = llm.core.runner, []
     prepare = runner.prepare
 
-    def check(scheduled):
-        step, seqs = prepare(scheduled)
+    def check(scheduled, departed=()):
+        step, seqs = prepare(scheduled, departed)
         expected = expected_positions(scheduled)
         assert torch.equal(step.positions, expected[0] if step.is_decode else expected)
         picture_chunk = any(s.seq.mrope_positions is not None and s.start < s.seq.num_prompt_tokens

@@ -30,7 +30,7 @@ def test_each_timed_step_decodes_every_sequence(tiny_ckpt, monkeypatch):
     def spying_llm(*args, **kwargs):
         llm = original(*args, **kwargs)
         prepare = llm.core.runner.prepare
-        llm.core.runner.prepare = lambda scheduled: seen.append([s.num_new_tokens for s in scheduled]) or prepare(scheduled)
+        llm.core.runner.prepare = lambda scheduled, departed: seen.append([s.num_new_tokens for s in scheduled]) or prepare(scheduled, departed)
         return llm
 
     monkeypatch.setattr(host_overhead, "LLM", spying_llm)

@@ -1,11 +1,13 @@
 import random
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 
 from vlserve.config import SchedulerConfig
 from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.input_batch import InputBatch
 from vlserve.engine.request import Capacity
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.engine.scheduler import Scheduler
@@ -42,6 +44,7 @@ class FakeModel:
         self.order = []  # sequences in order of first admission
         self.pending = {}  # seq -> tokens sampled on the "device", not yet on the host
         self.launched = deque()  # (scheduled, [(seq, token)]) of steps in flight
+        self.batch = InputBatch(sched.cfg.max_num_seqs, -(-sched.cfg.max_model_len // BS), BS)  # the runner's
         take_free = sched.block_manager._take_free
 
         def take_garbage():  # a reused block holds stale KV until written again
@@ -69,6 +72,7 @@ class FakeModel:
         for s in out.scheduled:
             for j in range(s.end):
                 assert self.kv.get(self.slot(s.seq, j)) == self.content(s.seq, j), (s.seq.request_id, j)
+        self.check_batch(out)
         samples = []
         for s in out.scheduled:
             s.seq.in_flight += 1
@@ -82,6 +86,18 @@ class FakeModel:
             self.complete(*self.launched.popleft())
         self.steps += 1
         return out
+
+    def check_batch(self, out):
+        """The runner's persistent batch, updated by the step's diff, gives every sequence's table and slots."""
+        seats = self.batch.update(out.departed, out.scheduled)
+        assert len(set(seats.tolist())) == len(seats)
+        starts = np.array([s.start for s in out.scheduled], dtype=np.int64)
+        lengths = np.array([s.num_new_tokens for s in out.scheduled], dtype=np.int64)
+        slots, positions = self.batch.slots(seats, starts, lengths)
+        assert slots.tolist() == [self.slot(s.seq, j) for s in out.scheduled for j in range(s.start, s.end)]
+        assert positions.tolist() == [j for s in out.scheduled for j in range(s.start, s.end)]
+        for row, s in zip(self.batch.step_tables(seats), out.scheduled):
+            assert row[:len(s.seq.block_table)].tolist() == s.seq.block_table
 
     def complete(self, scheduled, samples):
         for s in scheduled:

@@ -217,9 +217,9 @@ class MultiprocRunner:
             return self.runner.model.encode_media(items)
         return self.call("encode_all", items)
 
-    def submit(self, scheduled):
+    def submit(self, scheduled, departed=()):
         """Starts a step on every rank; rank 0 returns once its own stage is done (see ModelRunner.launch)."""
-        step, sample_seqs = self.runner.prepare(scheduled)
+        step, sample_seqs = self.runner.prepare(scheduled, departed)
         self.check_workers()
         with self.collective():
             dist.broadcast_object_list([("run", (step,))], src=0, group=self.control)

@@ -130,17 +130,17 @@ class EngineCore:
             active = self.scheduler.num_running + self.scheduler.num_waiting
             out = self.scheduler.schedule(max_seqs=-(-active // pipeline) if pipeline > 1 else None)
             if out.scheduled:
-                self.in_flight.append(self.submit(out.scheduled))
+                self.in_flight.append(self.submit(out.scheduled, out.departed))
                 if len(self.in_flight) < self.depth:
                     return []  # room for another batch before waiting on this one
         return self.complete(self.in_flight.popleft()) if self.in_flight else []
 
-    def submit(self, scheduled: list[ScheduledSeq]):
+    def submit(self, scheduled: list[ScheduledSeq], departed: list[int]):
         now = time.monotonic()
         for item in scheduled:
             item.seq.scheduled_time = item.seq.scheduled_time or now
             item.seq.in_flight += 1
-        return scheduled, self.runner.submit(scheduled)
+        return scheduled, self.runner.submit(scheduled, departed)
 
     def complete(self, batch) -> list[CoreOutput]:
         scheduled, handle = batch

@@ -10,12 +10,14 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig
 from vlserve.distributed.parallel_state import pipeline_stage, tp_all_gather, tp_rank, tp_size
 from vlserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from vlserve.engine.input_batch import InputBatch
 from vlserve.engine.sampler import PendingTokens, SampledTokens, Sampler, SamplerOutput, sample_worst_case
 from vlserve.engine.scheduler import ScheduledSeq
 from vlserve.engine.sequence import Sequence
@@ -99,10 +101,10 @@ class PendingLogits:
     receive: dist.Work | None = None
 
 
-def step_positions(flat: list[int], prompt_mrope: list[tuple[int, torch.Tensor]], decode: bool) -> torch.Tensor:
+def step_positions(flat: np.ndarray, prompt_mrope: list[tuple[int, torch.Tensor]], decode: bool) -> torch.Tensor:
     """(3, T) M-RoPE positions: `flat` on every row, with multimodal prompts' own rows pasted in. A decode step
     takes one row: it holds only text tokens, whose three rows are equal."""
-    positions = torch.tensor(flat)
+    positions = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64))
     if not prompt_mrope:
         return positions if decode else positions.expand(3, -1).contiguous()
     positions = positions.expand(3, -1).clone()
@@ -133,6 +135,7 @@ class ModelRunner:
         self.handoff = []  # (send, tensor) of this stage's hand-off of the last step: tensors live until sent
         self.sampler = Sampler(DEFAULT_STOP_TOKEN_IDS)
         self.pending: PendingTokens | None = None  # the samples of the last step submitted, until it is waited on
+        self.batch = InputBatch(engine_cfg.max_num_seqs, -(-self.max_model_len // self.block_size), self.block_size)
 
     def kv_bytes_per_block(self) -> int:
         a = self.attention_layers[0]
@@ -179,9 +182,10 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def submit(self, scheduled: list[ScheduledSeq]) -> StepHandle:
-        """Launches the step and its sampling; returns without waiting for the device."""
-        step, sample_seqs = self.prepare(scheduled)
+    def submit(self, scheduled: list[ScheduledSeq], departed: list[int] = ()) -> StepHandle:
+        """Launches the step and its sampling; returns without waiting for the device. `departed`: sequences
+        gone since the last step (their seats in the persistent batch are freed)."""
+        step, sample_seqs = self.prepare(scheduled, departed)
         logits = self.run(step)
         sampled = self.sampler.sample(logits, sample_seqs, self.pending) if sample_seqs else None
         self.pending = None if sampled is None else PendingTokens(
@@ -275,40 +279,39 @@ class ModelRunner:
             dist.recv(t, stage.prev_rank, tag=self.step_tag)
         return tuple(tp_all_gather(t, dim=-1) for t in parts) if self.sliced_handoff() else parts
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, list[Sequence]]:
+    def prepare(self, scheduled: list[ScheduledSeq], departed: list[int] = ()) -> tuple[StepInput, list[Sequence]]:
+        """The step's flat inputs: per-sequence work in Python (token ids, media, M-RoPE rows), per-token work as
+        numpy over the persistent batch (KV slots, positions, block tables)."""
         encoded = self.encode_media(scheduled)
-        ids, flat_positions, slots, media_rows, media_parts = [], [], [], [], []
-        prompt_mrope = []  # (first row in the batch, (3, k) M-RoPE positions of a multimodal prompt's tokens)
-        cu, context_lens, tables, sample_rows, sample_seqs = [0], [], [], [], []
-        pending_rows, pending_src = [], []
-        size = self.block_size
-        for item in scheduled:
-            seq, start, end, n = item.seq, item.start, item.end, item.num_new_tokens
+        seats = self.batch.update(departed, scheduled)
+        starts = np.fromiter((item.start for item in scheduled), np.int64, len(scheduled))
+        lengths = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, len(scheduled))
+        slots, positions = self.batch.slots(seats, starts, lengths)
+        cu = np.cumsum(lengths) - lengths  # each sequence's first row in the flat batch
+        ids, media_rows, media_parts, prompt_mrope, sample_rows, sample_seqs = [], [], [], [], [], []
+        pending_rows, pending_src, rope_deltas = [], [], []
+        for item, first in zip(scheduled, cu.tolist()):
+            seq, start, end = item.seq, item.start, item.end
             ids += seq.tokens(start, end)
-            if len(ids) < cu[-1] + n:  # its last token is the step before's sample, still on the device
+            if len(ids) < first + item.num_new_tokens:  # its last token is the step before's sample, on the device
                 pending_rows.append(len(ids))
                 pending_src.append(self.pending.rows[seq.seq_id])
                 ids.append(0)
-            # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
-            flat_positions += range(start + seq.rope_delta, end + seq.rope_delta)
+            rope_deltas.append(seq.rope_delta)
             if seq.mrope_positions is not None and start < seq.num_prompt_tokens:
-                prompt_mrope.append((cu[-1], seq.mrope_positions[:, start:min(end, seq.num_prompt_tokens)]))
-            table = seq.block_table
-            slots += [table[i // size] * size + i % size for i in range(start, end)]
+                prompt_mrope.append((first, seq.mrope_positions[:, start:min(end, seq.num_prompt_tokens)]))
             rows, parts = self.media_for(seq, start, end, encoded)
-            media_rows += [cu[-1] + r for r in rows]
+            media_rows += [first + r for r in rows]
             media_parts += parts
-            cu.append(cu[-1] + n)
-            context_lens.append(end)
-            tables.append(table)
             if item.samples:
-                sample_rows.append(cu[-1] - 1)
+                sample_rows.append(first + item.num_new_tokens - 1)
                 sample_seqs.append(seq)
+        # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
+        flat_positions = positions + np.repeat(np.asarray(rope_deltas, dtype=np.int64), lengths)
         # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
         # here, and each moves it to its own device.
-        lengths = [item.num_new_tokens for item in scheduled]
-        meta = AttentionMetadata.from_lengths(lengths, context_lens, tables, slots)
-        decode = not media_parts and all(n == 1 for n in lengths)
+        meta = AttentionMetadata.paged(lengths, starts + lengths, self.batch.step_tables(seats), slots)
+        decode = not media_parts and bool((lengths == 1).all())
         step = StepInput(torch.tensor(ids), step_positions(flat_positions, prompt_mrope, decode), meta,
                          torch.cat(media_parts) if media_parts else None,
                          torch.tensor(media_rows) if media_parts else None, sample_rows, pending_rows, pending_src)

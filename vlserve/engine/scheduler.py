@@ -41,6 +41,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)  # back in the waiting queue, KV dropped
+    # seq_ids that left the running set since the last schedule (finished, aborted, preempted): the runner's
+    # persistent batch frees their seats
+    departed: list[int] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -56,6 +59,7 @@ class Scheduler:
         # and returns at the head of the queue, so nothing newer can be admitted before it.
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total, for metrics
+        self.departed: list[int] = []  # reported by the next schedule
 
     @property
     def num_waiting(self) -> int:
@@ -105,6 +109,7 @@ class Scheduler:
             self.running.append(seq)
             self._run(seq, *chunk, out)
             budget -= chunk[1]
+        out.departed, self.departed = self.departed, []
         return out
 
     def token_arrived(self, seq: Sequence, token: int) -> None:
@@ -118,6 +123,7 @@ class Scheduler:
         """Retires a running sequence, or one preempted while its last token was in flight."""
         (self.running if seq in self.running else self.waiting).remove(seq)
         self.block_manager.free(seq)
+        self.departed.append(seq.seq_id)
 
     def abort(self, request_id: str, index: int | None = None) -> list[Sequence]:
         """Drops the request's unfinished sequences (only sample `index`, if given) and frees their blocks."""
@@ -126,6 +132,7 @@ class Scheduler:
         for seq in seqs:
             (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
             self.block_manager.free(seq)
+            self.departed.append(seq.seq_id)
             seq.status, seq.finish_reason, seq.finished_time = SequenceStatus.FINISHED, "abort", time.monotonic()
         return seqs
 
@@ -160,6 +167,7 @@ class Scheduler:
                 return False
             victim = self.running.pop()
             self.block_manager.free(victim)
+            self.departed.append(victim.seq_id)
             victim.reset_for_recompute()
             self.waiting.appendleft(victim)
             preempted.append(victim)
