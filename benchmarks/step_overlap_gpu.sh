@@ -20,8 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 steps=${*:-tests compare profile}
 has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
-  VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_async_engine.py \
-    tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+    tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if has base; then
   (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \
