@@ -18,13 +18,14 @@ import torch
 
 from vlserve.config import EngineConfig, SchedulerConfig, parse_config
 from vlserve.engine import model_runner
+from vlserve.engine.sampler import sample_worst_case
 from vlserve.media.options import MediaOptions
 from vlserve.model.loader import default_dtype
 from vlserve.model.qwen2_5_vl import Qwen2_5_VLForCausalLM
 from vlserve.plan.cards import Card
 from vlserve.plan.inventory import Inventory, Node
 from vlserve.plan.layouts import layout_config
-from vlserve.plan.memory import Step, Weights, activation_bytes, image_patches, kv_bytes_per_block, stages
+from vlserve.plan.memory import Step, Weights, activation_bytes, image_patches, kv_bytes_per_block, sampler_peak, stages
 from vlserve.plan.planner import Request, make_plan
 
 # (label, --max-num-batched-tokens, max_pixels, vision tower on)
@@ -90,6 +91,15 @@ def main() -> None:
             "kv_blocks_engine": blocks, "kv_blocks_planned": planned.kv_blocks if planned else None,
             "profile_seconds": round(seconds, 2)})
     runner.model.visual = visual
+    for rows in (27, 256):  # the sampler alone: one row chunk, and every seat of --max-num-seqs 256
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        sample_worst_case(rows, cfg.vocab_size, device)
+        measured = torch.cuda.max_memory_allocated(device) - before
+        planned = sampler_peak(cfg.vocab_size, rows)
+        result["sampler"] = result.get("sampler", []) + [
+            {"rows": rows, "measured": measured, "planned": planned, "error": planned / measured - 1}]
     print(json.dumps(result, indent=2))
     print(f"\n{props.name}: weights {params / GIB:.3f} GiB (planner "
           f"{result['weights_bytes']['planner'] / GIB:.3f}), KV/block {result['kv_bytes_per_block']}")
@@ -97,6 +107,9 @@ def main() -> None:
         print(f"{p['setting']:<48} measured {p['activation_measured'] / GIB:7.3f} GiB  planned "
               f"{p['activation_planned'] / GIB:7.3f} GiB  ({p['error']:+.1%})  blocks {p['kv_blocks_engine']} vs "
               f"{p['kv_blocks_planned']}")
+    for p in result["sampler"]:
+        print(f"sampler, {p['rows']} seats: measured {p['measured'] / GIB:.3f} GiB  planned {p['planned'] / GIB:.3f} GiB"
+              f"  ({p['error']:+.1%})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

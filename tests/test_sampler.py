@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from vlserve.engine.sampler import Sampler, apply_penalties, block_stop_tokens, sampling_probs
+from vlserve.engine.sampler import Sampler, apply_penalties, block_stop_tokens, row_chunks, sampling_probs
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.engine.sequence import Sequence
 
@@ -199,6 +199,25 @@ def test_logprobs_are_raw_log_softmax():
         for token, value in lp.top:
             assert abs(value - ref[row, token].item()) < 1e-6
         assert [t for t, _ in lp.top] == ref[row].topk(n).indices.tolist()
+
+
+@pytest.fixture
+def two_row_chunks(monkeypatch):
+    """The sampler's row chunks (sampling_params.sampler_chunk_rows) hold two rows of V logits."""
+    monkeypatch.setattr("vlserve.engine.sampling_params.SAMPLER_CHUNK_ELEMENTS", 2 * V)
+
+
+def test_row_chunks_change_no_sample_and_no_logprob(two_row_chunks):
+    """Seeded rows, greedy rows and logprobs across chunk boundaries: as one chunk (test above) or alone."""
+    assert row_chunks([0, 1, 2, 3, 4], V) == [[0, 1], [2, 3], [4]]
+    test_same_seed_same_tokens_whatever_the_batch()
+    test_logprobs_are_raw_log_softmax()
+    logits = rand_logits(5, seed=3)
+    seqs = [seq(seed=s, top_p=0.8, logprobs=3) for s in range(5)]
+    chunked = Sampler(EOS)(logits, seqs)
+    alone = [Sampler(EOS)(logits[i:i + 1], [seq(seed=i, top_p=0.8, logprobs=3)]) for i in range(5)]
+    assert chunked.token_ids == [a.token_ids[0] for a in alone]
+    assert [lp.top for lp in chunked.logprobs] == [a.logprobs[0].top for a in alone]
 
 
 def test_penalties_before_any_output_and_with_ragged_rows():

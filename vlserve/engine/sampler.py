@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS
-from vlserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from vlserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, sampler_chunk_rows
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stop import stop_token_ids
 from vlserve.transfer import HostCopy, device_tensor, to_device
@@ -87,15 +87,18 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], history: "History") -> torch.Tensor:
         tokens = logits.argmax(dim=-1)  # greedy rows: exactly the argmax of the penalised logits
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if not rows:
-            return tokens
-        idx = device_tensor(rows, torch.long, logits.device)
-        probs = sampling_probs(logits[idx], [seqs[i].params for i in rows])
+        for chunk in row_chunks(rows, logits.shape[-1]):
+            idx = device_tensor(chunk, torch.long, logits.device)
+            tokens[idx] = self._draw(logits, idx, [seqs[i] for i in chunk], [history.num_outputs[i] for i in chunk])
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, idx: torch.Tensor, seqs: list[Sequence],
+              num_outputs: list[int]) -> torch.Tensor:
+        """One token for each of the rows `idx`; the chunk's temporaries die on return, before the next chunk's."""
+        probs = sampling_probs(logits[idx], [seq.params for seq in seqs])
         # argmax(p / q) with q ~ Exp(1) draws from p (the exponential race), with no host sync, and lets each
         # seeded row use its own random stream.
-        q = self._exponentials(probs, [seqs[i] for i in rows], [history.num_outputs[i] for i in rows])
-        tokens[idx] = (probs / q).argmax(dim=-1)
-        return tokens
+        return (probs / self._exponentials(probs, seqs, num_outputs)).argmax(dim=-1)
 
     def _exponentials(self, probs: torch.Tensor, seqs: list[Sequence], num_outputs: list[int]) -> torch.Tensor:
         q = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -266,7 +269,16 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], counts: 
     temperature and filters do not change them."""
     if not rows:
         return ()
-    idx = device_tensor(rows, torch.long, raw.device)
-    logprobs = raw[idx].log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens[idx][:, None]).squeeze(1)
-    return (chosen, *logprobs.topk(max(counts), dim=-1))
+    parts = []
+    for chunk in row_chunks(rows, raw.shape[-1]):
+        idx = device_tensor(chunk, torch.long, raw.device)
+        logprobs = raw[idx].log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens[idx][:, None]).squeeze(1)
+        parts.append((chosen, *logprobs.topk(max(counts), dim=-1)))
+    return tuple(torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
+
+
+def row_chunks(rows: list[int], vocab: int) -> list[list[int]]:
+    """`rows` in runs of sampler_chunk_rows (a GPU sort's workspace grows with them)."""
+    size = sampler_chunk_rows(vocab)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]

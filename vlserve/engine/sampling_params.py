@@ -5,6 +5,13 @@ from dataclasses import dataclass, field
 from vlserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+# The sampler filters, sorts and takes logprobs of this many logits at a time (27 rows of Qwen's 152k vocabulary),
+# so its temporaries stay bounded however many sequences sample at once; the planner counts them (plan/memory.py).
+SAMPLER_CHUNK_ELEMENTS = 1 << 22
+
+
+def sampler_chunk_rows(vocab: int) -> int:
+    return max(1, SAMPLER_CHUNK_ELEMENTS // vocab)
 MAX_N = 128  # as OpenAI's n; each sample is a sequence, so an unbounded n could stall the engine
 # Stop strings are searched in every sample's text at every token: bounded, so a request cannot slow every step
 MAX_STOP_STRINGS = 32

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from vlserve.config import ModelConfig, VisionConfig, stage_layers
+from vlserve.engine.sampling_params import sampler_chunk_rows
 from vlserve.media.options import MediaOptions, grid_tokens
 from vlserve.model.layout import checkpoint_shapes
 
@@ -29,10 +30,11 @@ ALLOCATOR_ROUNDING = 0.005
 NCCL_BYTES = 256 * MIB
 CPU_PROCESS_BYTES = 1 * GIB  # Python, torch and the tokenizer, per process, on a CPU plan
 AWQ_PACK = 8  # 4-bit values per int32
-# The sampler's worst case (`sampler.WORST_CASE`): 6 fp32 copies of the (seats, vocabulary) logits beside the
-# logits themselves, measured on the CPU with torch.profiler's allocations. A GPU's sort may add workspace; not
-# measured there yet (the engine's profiling step runs the sampler itself, so its own KV sizing is measured).
-SAMPLER_COPIES = 6
+# The sampler's worst case (`sampler.WORST_CASE`), in fp32 (seats, vocabulary) logits, measured on the CPU with
+# torch.profiler's allocations: the logits, their penalised copy and its temporary (every seat at once), then the
+# logits, the penalised copy and 5 copies of one chunk of rows (`sampler.row_chunks`: filters, sort, draw).
+SAMPLER_FULL_COPIES = 3
+SAMPLER_CHUNK_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,9 @@ def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:
 
 def sampler_peak(vocab: int, rows: int) -> int:
     """The logits of every seat (fp32) and the sampler's temporaries at its worst."""
-    return (1 + SAMPLER_COPIES) * rows * vocab * 4
+    chunk = min(rows, sampler_chunk_rows(vocab))
+    copies = max(SAMPLER_FULL_COPIES * rows, (SAMPLER_FULL_COPIES - 1) * rows + SAMPLER_CHUNK_COPIES * chunk)
+    return copies * vocab * 4
 
 
 def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int, fused: bool = False) -> int:
