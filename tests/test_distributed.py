@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +14,10 @@ from hf_reference import image_url, text
 from vlserve import LLM, SamplingParams
 from vlserve.config import ModelConfig, stage_layers, valid_tensor_parallel_sizes
 from vlserve.distributed.executor import balanced_owners
+from vlserve.distributed.packed_step import pack, unpack
+from vlserve.engine.model_runner import StepInput
 from vlserve.errors import ConfigError, EngineDeadError
+from vlserve.model.layers.attention import AttentionMetadata
 
 CONVERSATIONS = [  # three new images in the first step: with -tp 2 the ranks share the vision work
     [{"role": "user", "content": "Hi there!"}],
@@ -158,3 +162,32 @@ def test_abort_while_in_flight_frees_everything(tiny_ckpt):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     finally:
         engine.shutdown()
+
+
+def packed_round_trip(step):
+    header, buffer = pack(step)
+    assert header.buffer_len() == len(buffer) and buffer.dtype == torch.int32
+    got = unpack(header, buffer.clone(), step.media_embeds)
+    for name in ("input_ids", "positions", "media_rows", "sample_rows"):
+        a, b = getattr(step, name), getattr(got, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    for name in ("cu_seqlens", "context_lens", "block_tables", "slot_mapping", "max_seqlen", "max_context_len",
+                 "has_prefix"):
+        a, b = getattr(step.meta, name), getattr(got.meta, name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name
+    assert got.is_decode == step.is_decode
+
+
+def test_a_step_travels_packed_as_int32():
+    """What the other ranks receive (packed_step.py) is the step rank 0 built: a prefill with media and 3-row
+    positions beside a cached prefix, and a decode step."""
+    lengths, context = np.array([5, 3]), np.array([5, 19])
+    tables = np.array([[7, 0], [2, 9]])
+    meta = AttentionMetadata.paged(lengths, context, tables, np.arange(100, 108))
+    prefill = StepInput(torch.arange(8), torch.arange(24).view(3, 8), meta, torch.randn(2, 16),
+                        torch.tensor([1, 2]), torch.tensor([4, 7]))
+    packed_round_trip(prefill)
+    meta = AttentionMetadata.paged(np.array([1, 1, 1]), np.array([4, 40, 17]), np.arange(9).reshape(3, 3),
+                                   np.array([3, 39, 16]))
+    packed_round_trip(StepInput(torch.tensor([11, 12, 13]), torch.tensor([3, 41, 16]), meta, None, None,
+                                torch.tensor([0, 1, 2])))

@@ -1,9 +1,10 @@
 """Where the model runs: in this process (`local`), or as tensor-parallel groups in pipeline stages, one process per
 rank: spawned on this machine (`mp`) or Ray actors across machines (`ray`, in ray_executor.py).
 
-Global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings)
-and broadcasts it; every rank runs its part (its weight shard of its stage's layers), so the collectives inside
-the model line up, and stages hand hidden states on (the engine keeps up to one step per stage in flight).
+Global rank 0 lives in the engine's process: it prepares each step (block tables, media embeddings) and broadcasts
+it as tensors (packed_step.py; other calls travel pickled over Gloo); every rank runs its part (its weight shard of
+its stage's layers), so the collectives inside the model line up, and stages hand hidden states on (the engine
+keeps up to one step per stage in flight).
 Processes are always started with `spawn` (never fork after CUDA is initialised).
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from vlserve.config import EngineConfig, ModelConfig
+from vlserve.distributed import packed_step
 from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
     set_tp_group
 from vlserve.engine.model_runner import ModelRunner
@@ -78,7 +80,8 @@ def init_groups(rank: int, engine_cfg: EngineConfig, init_method: str, device: t
 
 
 def control_group() -> dist.ProcessGroup:
-    """Step descriptions travel as pickled objects over Gloo (CPU), whatever carries the model's collectives."""
+    """Where workers wait between steps: Gloo (CPU), whatever carries the model's collectives. Steps' headers and
+    the pickled calls other than steps travel here."""
     return dist.new_group(backend="gloo")
 
 
@@ -89,6 +92,10 @@ def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg:
     control = control_group()
     runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
     while True:
+        step = packed_step.receive(control, device, dtype)
+        if step is not None:
+            runner.run(step)
+            continue
         message = [None]
         dist.broadcast_object_list(message, src=0, group=control)
         method, args = message[0]
@@ -176,8 +183,12 @@ class MultiprocRunner:
         """Every rank runs runner.<method>(*args); returns rank 0's result."""
         self.check_workers()
         with self.collective():
-            dist.broadcast_object_list([(method, args)], src=0, group=self.control)
+            self.broadcast_call(method, args)
             return getattr(self.runner, method)(*args)
+
+    def broadcast_call(self, method: str, args: tuple) -> None:
+        packed_step.send_call(self.control)
+        dist.broadcast_object_list([(method, args)], src=0, group=self.control)
 
     @contextlib.contextmanager
     def collective(self):
@@ -222,7 +233,7 @@ class MultiprocRunner:
         step, sample_seqs = self.runner.prepare(scheduled, departed)
         self.check_workers()
         with self.collective():
-            dist.broadcast_object_list([("run", (step,))], src=0, group=self.control)
+            packed_step.send_step(step, self.control, self.runner.device)
             return sample_seqs, self.runner.launch(step)
 
     def wait(self, handle) -> tuple[list, SamplerOutput]:
@@ -246,7 +257,7 @@ class MultiprocRunner:
         told = False
         if not self.broken and all(w.is_alive() for w in self.workers):
             with contextlib.suppress(Exception):  # the group may break under us: then stop them as below
-                dist.broadcast_object_list([("shutdown", ())], src=0, group=self.control)
+                self.broadcast_call("shutdown", ())
                 told = True
         if not told:  # a broken group: stop the survivors rather than wait on a collective
             for worker in self.workers:

@@ -66,7 +66,7 @@ class StepInput:
     meta: AttentionMetadata
     media_embeds: torch.Tensor | None
     media_rows: torch.Tensor | None  # (pads,) where the media pad tokens are in the flat batch, in order
-    sample_rows: list[int]  # row of each sampling sequence's last token in the flat batch
+    sample_rows: torch.Tensor  # (S,) row of each sampling sequence's last token in the flat batch
     # Rows whose token is still on the device (async scheduling), and where each is among the step before's samples
     pending_rows: list[int] = field(default_factory=list)
     pending_src: list[int] = field(default_factory=list)
@@ -230,7 +230,7 @@ class ModelRunner:
             self.handoff = [(dist.isend(t, stage.next_rank, tag=self.step_tag), t) for t in map(self.my_slice, out)]
             return self.post_logits_receive(rows, stage)
         if rows:
-            logits = self.model.compute_logits(out[device_tensor(step.sample_rows, torch.long, self.device)])
+            logits = self.model.compute_logits(out[to_device(step.sample_rows, self.device)])
         else:
             logits = out.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
         if stage.num_stages == 1:
@@ -308,13 +308,14 @@ class ModelRunner:
                 sample_seqs.append(seq)
         # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
         flat_positions = positions + np.repeat(np.asarray(rope_deltas, dtype=np.int64), lengths)
-        # Built on the CPU (embeddings stay where the vision tower ran): tensor-parallel ranks receive it from
-        # here, and each moves it to its own device.
+        # Built on the CPU (embeddings stay where the vision tower ran); the other ranks receive it packed
+        # (distributed/packed_step.py), straight into their devices.
         meta = AttentionMetadata.paged(lengths, starts + lengths, self.batch.step_tables(seats), slots)
         decode = not media_parts and bool((lengths == 1).all())
         step = StepInput(torch.tensor(ids), step_positions(flat_positions, prompt_mrope, decode), meta,
                          torch.cat(media_parts) if media_parts else None,
-                         torch.tensor(media_rows) if media_parts else None, sample_rows, pending_rows, pending_src)
+                         torch.tensor(media_rows) if media_parts else None, torch.tensor(sample_rows, dtype=torch.long),
+                         pending_rows, pending_src)
         return step, sample_seqs
 
     def media_for(self, seq: Sequence, start: int, end: int,
