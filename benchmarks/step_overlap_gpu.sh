@@ -20,16 +20,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 steps=${*:-tests compare profile}
 has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
-  VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+  VLSERVE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
     tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if has base; then
-  (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 200 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \
+  (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 150 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \
      --workloads decode1,throughput --json "$OUT/compare_before.json") 2>&1 | grep -vE "Warning|warn" | tail -12
 fi
 if has compare || has compare-vlserve; then  # compare-vlserve: without transformers' runs (short device time)
   skip=$(has compare-vlserve && echo --skip-transformers)
-  timeout 260 python3 benchmarks/compare_hf.py $skip --workloads decode1,throughput --json "$OUT/compare_after.json" \
+  timeout 180 python3 benchmarks/compare_hf.py $skip --workloads decode1,throughput --json "$OUT/compare_after.json" \
     2>&1 | grep -vE "Warning|warn" | tail -14
 fi
 profile() {  # $1: label, $2: the tree whose vlserve runs
@@ -45,7 +45,7 @@ from compare_hf import write_model_folder; write_model_folder('7b', Path('/tmp/q
     --json "$OUT/serve_after.json" 2>&1 | grep -E "^overhead|Error"
 fi
 if has memory; then  # the planner's memory model against the engine's profiling step (7B layout)
-  timeout 200 python3 benchmarks/memory_model.py --json "$OUT/memory_model.json" 2>&1 | grep -vE "Warning|warn" \
+  timeout 150 python3 benchmarks/memory_model.py --json "$OUT/memory_model.json" 2>&1 | grep -vE "Warning|warn" \
     | tail -25
 fi
 has profile-base && profile before .base
