@@ -13,13 +13,7 @@
 # usage: bash benchmarks/front_door_gpu.sh [tests]   (results under $OUT; `tests`: step 1 and the preprocessing only)
 set -uo pipefail
 OUT=${OUT:-/tmp/front-door-out}
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import sys, av, torch, transformers; print(sys.version.split()[0], 'av', av.__version__, 'torch', \
-torch.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())"
+source benchmarks/gpu_site.sh
 
 VLSERVE_TEST_DEVICE=cuda timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_async_engine.py \
   tests/test_media_video.py "tests/test_engine.py::test_greedy_equals_transformers" 2>&1 \

@@ -12,11 +12,7 @@
 #   (default: tests compare profile)
 set -uo pipefail
 OUT=${OUT:-/tmp/step-overlap-out}
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_site.sh
 steps=${*:-tests compare profile}
 has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
