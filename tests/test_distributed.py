@@ -1,9 +1,13 @@
 """Tensor and pipeline parallel over spawned processes (Gloo on CPU): the same greedy tokens as one process; a
 dead worker fails requests instead of hanging; sizes that do not split the model are refused before loading."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +195,13 @@ def test_a_step_travels_packed_as_int32():
                                    np.array([3, 39, 16]))
     packed_round_trip(StepInput(torch.tensor([11, 12, 13]), torch.tensor([3, 41, 16]), meta, None, None,
                                 torch.tensor([0, 1, 2])))
+
+
+def test_step_broadcast_benchmark_times_both_forms(tmp_path):
+    """benchmarks/step_broadcast.py's smoke run: both cases, both forms timed (the worker unpacks every step)."""
+    out = tmp_path / "result.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_broadcast.py"
+    subprocess.run([sys.executable, str(script), "--seqs", "4", "--steps", "3", "--json", str(out)], check=True,
+                   timeout=120, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["pickled_ms"] > 0 and r["packed_ms"] > 0 for r in rows)
