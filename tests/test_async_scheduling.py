@@ -134,3 +134,15 @@ def test_decode_steps_never_wait_for_the_gpu(tiny_ckpt):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_idle(llm)
+
+
+def test_rounds_of_requests_never_run_out_of_seats(tiny_ckpt, device):
+    """Each round ends with steps where nothing is scheduled (every sequence waits for its last token): the
+    sequences that finished then free their seats with the next round's first step."""
+    llm = engine(tiny_ckpt, device, True, max_num_seqs=4)
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    for i in range(8):
+        results = llm.generate([f"hello {i}", f"bye {i}"], params, use_tqdm=False)
+        assert [len(r.outputs[0].token_ids) for r in results] == [3, 4]
+    assert len(llm.core.runner.batch.seat_of) <= 2

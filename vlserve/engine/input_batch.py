@@ -33,6 +33,8 @@ class InputBatch:
                 seat = self.seat_of[seq.seq_id] = self.free_seats.pop()
                 self.num_blocks[seat] = 0
             have, table = self.num_blocks[seat], seq.block_table
+            if len(table) < have:
+                raise RuntimeError(f"sequence {seq.seq_id} lost blocks while seated: its departure was not reported")
             if len(table) > have:  # blocks only grow while seated: a preempted sequence departs first
                 self.tables[seat, have:len(table)] = table[have:]
                 self.num_blocks[seat] = len(table)

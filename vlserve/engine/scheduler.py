@@ -109,7 +109,8 @@ class Scheduler:
             self.running.append(seq)
             self._run(seq, *chunk, out)
             budget -= chunk[1]
-        out.departed, self.departed = self.departed, []
+        if out.scheduled:  # the runner hears of departures with the next step it runs (an empty one is not run)
+            out.departed, self.departed = self.departed, []
         return out
 
     def token_arrived(self, seq: Sequence, token: int) -> None:
