@@ -205,3 +205,18 @@ def test_step_broadcast_benchmark_times_both_forms(tmp_path):
                    timeout=120, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(r["pickled_ms"] > 0 and r["packed_ms"] > 0 for r in rows)
+
+
+def test_a_malformed_media_step_reaches_every_rank_as_it_is():
+    """Embeddings whose rows disagree with the media pad rows: the workers receive both at their own sizes (the
+    model on every rank then refuses the step alike), never a broadcast of mismatched sizes."""
+    meta = AttentionMetadata.paged(np.array([4]), np.array([4]), np.array([[1]]), np.arange(16, 20))
+    step = StepInput(torch.arange(4), torch.arange(12).view(3, 4), meta, torch.randn(2, 8), torch.tensor([0, 1, 2]),
+                     torch.tensor([3]))
+    header, buffer = pack(step)
+    assert (header.media_rows, header.media_embed_rows, header.media_width) == (3, 2, 8)
+    got = unpack(header, buffer, step.media_embeds)
+    assert got.media_rows.tolist() == [0, 1, 2]
+    huge = AttentionMetadata.paged(np.array([1]), np.array([1]), np.array([[2**27]]), np.array([2**31]))
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(StepInput(torch.tensor([5]), torch.tensor([0]), huge, None, None, torch.tensor([0])))

@@ -31,6 +31,7 @@ class Header:
     samples: int = 0
     media_rows: int = 0
     media_width: int = 0  # embedding width; 0 without new media
+    media_embed_rows: int = 0  # equal to media_rows unless the step is malformed (the model then refuses it)
     max_seqlen: int = 0
     max_context_len: int = 0
     has_prefix: int = 0
@@ -50,15 +51,19 @@ class Header:
 def pack(step: StepInput) -> tuple[Header, torch.Tensor]:
     """The step's header and its int32 buffer (CPU); the media embeddings travel as they are."""
     meta = step.meta
+    if len(meta.slot_mapping) and int(meta.slot_mapping.max()) >= 2**31:  # the largest number in a step
+        raise ValueError(f"KV slot {int(meta.slot_mapping.max())} does not fit the packed step's int32")
     parts = [step.input_ids, step.positions, meta.cu_seqlens, meta.context_lens, meta.block_tables,
              meta.slot_mapping, step.sample_rows]
     if step.media_rows is not None:
         parts.append(step.media_rows)
     buffer = torch.from_numpy(np.concatenate([p.numpy().ravel().astype(np.int32, copy=False) for p in parts]))
-    width = 0 if step.media_embeds is None else step.media_embeds.shape[1]
+    embeds = step.media_embeds
     header = Header(STEP, len(step.input_ids), len(meta.context_lens), meta.block_tables.shape[1],
-                    1 if step.is_decode else 3, len(step.sample_rows), 0 if step.media_rows is None else len(step.media_rows), width,
-                    meta.max_seqlen, meta.max_context_len, int(meta.has_prefix))
+                    1 if step.is_decode else 3, len(step.sample_rows),
+                    0 if step.media_rows is None else len(step.media_rows), 0 if embeds is None else embeds.shape[1],
+                    0 if embeds is None else embeds.shape[0], meta.max_seqlen, meta.max_context_len,
+                    int(meta.has_prefix))
     return header, buffer
 
 
@@ -71,8 +76,8 @@ def unpack(header: Header, buffer: torch.Tensor, media_embeds: torch.Tensor | No
     meta = AttentionMetadata(cu, h.max_seqlen, context_lens=context, block_tables=tables.view(b, h.table_width),
                              slot_mapping=slots.long(), max_context_len=h.max_context_len,
                              has_prefix=bool(h.has_prefix))
-    return StepInput(ids.long(), positions, meta, media_embeds, media_rows.long() if h.media_rows else None,
-                     samples.long())
+    media_rows = media_rows.long() if h.media_rows or media_embeds is not None else None
+    return StepInput(ids.long(), positions, meta, media_embeds, media_rows, samples.long())
 
 
 def send_step(step: StepInput, control: dist.ProcessGroup, device: torch.device) -> None:
@@ -100,7 +105,7 @@ def receive(control: dist.ProcessGroup, device: torch.device, dtype: torch.dtype
     dist.broadcast(buffer, 0)
     media = None
     if header.media_width:
-        media = torch.empty(header.media_rows, header.media_width, dtype=dtype, device=device)
+        media = torch.empty(header.media_embed_rows, header.media_width, dtype=dtype, device=device)
         dist.broadcast(media, 0)
     return unpack(header, buffer, media)
 

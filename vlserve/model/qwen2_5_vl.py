@@ -17,6 +17,7 @@ from vlserve.model.layers.attention import AttentionMetadata
 from vlserve.model.layers.embedding import ParallelLMHead
 from vlserve.model.qwen2 import Qwen2Model
 from vlserve.model.vision import VisionTransformer
+from vlserve.transfer import to_device
 
 
 class Qwen2_5_VLForCausalLM(nn.Module):
@@ -59,7 +60,7 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         if self.visual is None:
             raise InvalidRequestError(f"{self.cfg.path} is a text-only model; send text without images or videos")
         device = self.visual.patch_embed.proj.weight.device
-        pixels = torch.cat([item.pixel_values for item in items]).to(device)
+        pixels = to_device(torch.cat([item.pixel_values for item in items]), device)  # no wait on the step in flight
         embeds = self.visual(pixels, [item.grid_thw for item in items])
         return list(embeds.split([item.num_tokens for item in items]))
 

@@ -20,6 +20,7 @@ from vlserve.model.layers.linear import (
 )
 from vlserve.model.layers.norm import RMSNorm
 from vlserve.model.layers.rotary import VisionRotaryEmbedding, apply_vision_rotary
+from vlserve.transfer import to_device
 
 DATA_MODE = (0, 1)
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # activations of the last blocks can overflow fp16
@@ -150,10 +151,10 @@ class VisionTransformer(nn.Module):
         layout = vision_layout(grid_thw, self.cfg)
         unit = self.cfg.spatial_merge_size**2
         device = pixel_values.device
-        order = layout.window_order.to(device)
+        order = to_device(layout.window_order, device)
         x = self.patch_embed(pixel_values)
         x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
-        cos, sin = self.rotary.cos_sin(layout.hw_positions.to(device))
+        cos, sin = self.rotary.cos_sin(to_device(layout.hw_positions, device))
         cos = cos.view(-1, unit, cos.shape[-1])[order].flatten(0, 1)
         sin = sin.view(-1, unit, sin.shape[-1])[order].flatten(0, 1)
         full_blocks = set(self.cfg.fullatt_block_indexes)
