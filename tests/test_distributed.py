@@ -220,3 +220,27 @@ def test_a_malformed_media_step_reaches_every_rank_as_it_is():
     huge = AttentionMetadata.paged(np.array([1]), np.array([1]), np.array([[2**27]]), np.array([2**31]))
     with pytest.raises(ValueError, match="does not fit"):
         pack(StepInput(torch.tensor([5]), torch.tensor([0]), huge, None, None, torch.tensor([0])))
+
+
+def test_a_script_on_standard_input_starts_ranks(tiny_ckpt, tmp_path):
+    """Ranks start through their own entry point: a script fed on stdin, without a __main__ guard, runs -tp 2 (a
+    multiprocessing spawn would re-import `<stdin>` and the ranks would die)."""
+    script = (f"from vlserve import LLM, SamplingParams\n"
+              f"llm = LLM({str(tiny_ckpt)!r}, device='cpu', progress=False, kv_cache_memory_gib=0.1, "
+              f"tensor_parallel_size=2)\n"
+              f"out = llm.generate(['hello'], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)\n"
+              f"print('TOKENS', len(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True, timeout=240,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "TOKENS 3" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_rank_that_dies_while_starting_fails_the_start_at_once(tiny_ckpt, tmp_path, monkeypatch):
+    """Its exit and last lines are in the error, long before the rendezvous timeout."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nsys.stderr.write('simulated: this rank cannot start\\n')\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match="exited while starting .*simulated: this rank cannot start"):
+        LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    assert time.monotonic() - start < 60

@@ -246,12 +246,12 @@ def test_serve_reaches_the_loader_when_the_plan_holds(capsys, weightless):
 
 def test_workers_are_spawned_never_forked(tiny_ckpt):
     """Forking after CUDA is initialised fails ("cannot re-initialize CUDA in forked subprocess"): every worker is
-    a fresh interpreter started by multiprocessing's spawn."""
+    a fresh interpreter running the worker's own entry point (never the user's script)."""
     llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.01, tensor_parallel_size=2)
     try:
         for worker in llm.core.runner.workers:
             with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
-                assert b"from multiprocessing.spawn import spawn_main" in f.read()
+                assert f.read().split(b"\0")[1:3] == [b"-m", b"vlserve.distributed.worker_process"]
     finally:
         llm.core.shutdown()
 

@@ -5,15 +5,17 @@ Global rank 0 lives in the engine's process: it prepares each step (block tables
 it as tensors (packed_step.py; other calls travel pickled over Gloo); every rank runs its part (its weight shard of
 its stage's layers), so the collectives inside the model line up, and stages hand hidden states on (the engine
 keeps up to one step per stage in flight).
-Processes are always started with `spawn` (never fork after CUDA is initialised).
+Ranks start as fresh processes (`python -m vlserve.distributed.worker_process`: never a fork after CUDA is
+initialised, never a re-import of the user's script), and rank 0 watches them through the rendezvous.
 """
 
 import atexit
 import contextlib
 import logging
-import multiprocessing as mp
 import socket
+import time
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.distributed import packed_step
 from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
     set_tp_group
+from vlserve.distributed.worker_process import SpawnedWorker
 from vlserve.engine.model_runner import ModelRunner
 from vlserve.engine.sampler import SamplerOutput
 from vlserve.errors import ConfigError, EngineDeadError
@@ -30,6 +33,7 @@ from vlserve.media.item import MediaItem
 log = logging.getLogger("vlserve.distributed")
 REDUCE_MIN = ("profile_free_blocks",)  # results every rank must agree on: the smallest wins
 GATHER = ("encode_share",)  # results rank 0 collects from every rank
+JOIN_POLL_S = 0.05  # how often rank 0 looks at the store and the processes while the ranks start
 
 
 def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
@@ -63,12 +67,19 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_groups(rank: int, engine_cfg: EngineConfig, init_method: str, device: torch.device) -> None:
+def rendezvous_store(rank: int, world: int, init_method: str, timeout_s: float) -> dist.TCPStore:
+    """torch.distributed's store at `init_method` (tcp://host:port): served by global rank 0, joined by the rest."""
+    url = urlparse(init_method)
+    return dist.TCPStore(url.hostname, url.port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_groups(rank: int, engine_cfg: EngineConfig, store: dist.Store, device: torch.device) -> None:
     tp, pp = engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp * pp,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=tp * pp,
                             timeout=timedelta(seconds=engine_cfg.distributed_timeout_s))
     stage = rank // tp
     for s in range(pp):  # every rank creates every group, in the same order
@@ -88,7 +99,10 @@ def control_group() -> dist.ProcessGroup:
 def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                 device: torch.device, dtype: torch.dtype) -> None:
     """One rank other than 0, until rank 0 broadcasts shutdown. `device` is this rank's own."""
-    init_groups(rank, engine_cfg, init_method, device)
+    world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
+    store = rendezvous_store(rank, world, init_method, engine_cfg.distributed_timeout_s)
+    store.set(f"joined/{rank}", "1")  # rank 0 watches for these while it watches the processes
+    init_groups(rank, engine_cfg, store, device)
     control = control_group()
     runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
     while True:
@@ -143,8 +157,11 @@ class MultiprocRunner:
         try:
             host = self.rendezvous_host()
             init_method = f"tcp://{host}:{free_port(host)}"
+            world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
+            store = rendezvous_store(0, world, init_method, engine_cfg.distributed_timeout_s)
             device = self.start_workers(init_method, model_cfg, engine_cfg, device, dtype)
-            init_groups(0, engine_cfg, init_method, device)
+            self.wait_for_workers(store, world, engine_cfg.distributed_timeout_s)
+            init_groups(0, engine_cfg, store, device)
             self.control = control_group()
             self.runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
         except BaseException:
@@ -162,15 +179,29 @@ class MultiprocRunner:
 
     def start_workers(self, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                       device: torch.device, dtype: torch.dtype) -> torch.device:
-        """Starts ranks 1.. as spawned processes (one GPU each); returns rank 0's device."""
-        ctx = mp.get_context("spawn")
+        """Starts ranks 1.. as processes of their own (one GPU each); returns rank 0's device."""
         world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
-        self.workers = [ctx.Process(target=worker_main, name=f"vlserve-rank{rank}", daemon=True,
-                                    args=(rank, init_method, model_cfg, engine_cfg, rank_device(device, rank), dtype))
-                        for rank in range(1, world)]
-        for worker in self.workers:
-            worker.start()
+        for rank in range(1, world):  # appended one by one: shutdown() stops those started if one fails
+            self.workers.append(SpawnedWorker(rank, (init_method, model_cfg, engine_cfg, rank_device(device, rank),
+                                                     dtype)))
         return rank_device(device, 0)
+
+    def wait_for_workers(self, store: dist.TCPStore, world: int, timeout_s: float) -> None:
+        """Until every rank has reached the store; a rank that exits first fails the start at once, with its
+        exit and last lines (not after the rendezvous timeout)."""
+        keys, deadline = [f"joined/{rank}" for rank in range(1, world)], time.monotonic() + timeout_s
+        while True:
+            for rank, worker in enumerate(self.workers, start=1):
+                if not worker.is_alive():
+                    raise EngineDeadError(f"rank {rank} ({worker.name}) exited while starting (code "
+                                          f"{worker.exitcode}); nothing else was loaded")
+            if store.check(keys):
+                return
+            if time.monotonic() >= deadline:
+                raise EngineDeadError(
+                    f"{world - 1} rank(s) started but not all reached rank 0's store within {timeout_s:g} s; "
+                    "check the network between the machines (`vlserve doctor --head HOST:PORT`)")
+            time.sleep(JOIN_POLL_S)
 
     @property
     def vision_cache(self):
