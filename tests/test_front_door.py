@@ -98,8 +98,10 @@ def test_health_stays_fast_while_50_clients_send_300k_word_prompts(server):
     print(f"/health: {len(latencies)} probes, median {statistics.median(latencies) * 1e3:.1f} ms, "
           f"max {max(latencies) * 1e3:.1f} ms")
     assert all(status == 400 and "--max-model-len" in reply["error"]["message"] for status, reply in answers)
-    assert statistics.median(latencies) < 0.05 and max(latencies) < 0.5, (statistics.median(latencies),
-                                                                             max(latencies))
+    # A blocked event loop answers in seconds; a free one in tens of ms even on a loaded 2-core CI machine (there
+    # the median was seen at 54 ms: the bound leaves room for load, not for a frozen loop).
+    assert statistics.median(latencies) < 0.25 and max(latencies) < 1.0, (statistics.median(latencies),
+                                                                           max(latencies))
 
 
 def test_clients_that_give_up_free_everything_within_2_s(server):

@@ -4,6 +4,9 @@ fails in-flight streams with an error event, and makes the server exit non-zero.
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -75,3 +78,16 @@ def test_dead_engine_fails_streams_health_and_exits_nonzero(state):
             assert refused.status_code == 503
         assert await asyncio.wait_for(serving, timeout=10) == 1
     asyncio.run(main())
+
+
+def test_a_taken_port_stops_the_server_before_anything_loads(tiny_ckpt):
+    """Exit status 1 (docs/multi-node.md) with the port named, without starting the engine."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "vlserve.cli", "serve", str(tiny_ckpt), "--host", "127.0.0.1",
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+    assert "vlserve.engine" not in done.stderr  # no engine log line: nothing was loaded

@@ -9,6 +9,7 @@ start (the port taken).
 
 import asyncio
 import logging
+import socket
 import time
 
 import uvicorn
@@ -31,7 +32,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_requested = True
 
 
-async def serve_until_done(server: uvicorn.Server, state: ServerState, drain_timeout: float = 30.0) -> int:
+async def serve_until_done(server: uvicorn.Server, state: ServerState, drain_timeout: float = 30.0,
+                           sock: socket.socket | None = None) -> int:
     """Runs uvicorn until a drain ends or the engine dies; the exit code: 0, or 1 when the engine died (so a
     supervisor restarts the process) or the server could not start (e.g. the port is taken)."""
     async def watch() -> int:
@@ -59,7 +61,7 @@ async def serve_until_done(server: uvicorn.Server, state: ServerState, drain_tim
         return 0
 
     watcher = asyncio.create_task(watch())
-    await server.serve()
+    await server.serve(sockets=[sock] if sock is not None else None)
     state.draining = True
     if not server.started:  # e.g. the port is taken: uvicorn said why; the exit code must say it too
         watcher.cancel()

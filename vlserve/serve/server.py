@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from vlserve.args import add_engine_args
@@ -37,7 +38,21 @@ def add_serve_args(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> None:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (uvicorn listens on it): taken before the engine starts, so a port in use is
+    found in a second, not after the weights have loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from vlserve.args import engine_config
@@ -54,6 +69,12 @@ def run_serve(args: argparse.Namespace) -> None:
         log.warning("no MODEL given: serving the demo checkpoint at %s; its weights are random, so its answers "
                     "are noise", model)
     config = engine_config(args, model)  # flag errors surface here, before anything loads
+    try:
+        sock = listen_socket(args.host, args.port)  # a taken port, too, before anything loads
+    except OSError as e:
+        print(f"vlserve serve: error: cannot listen on {args.host}:{args.port}: {e.strerror}; stop what holds the "
+              "port or choose another with --port", file=sys.stderr)
+        return 1
     engine = AsyncEngine(config)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     state = ServerState(engine, name, args.api_key, config.max_num_seqs + args.max_queued_requests,
@@ -71,6 +92,6 @@ def run_serve(args: argparse.Namespace) -> None:
     # and exit with our own code.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    code = asyncio.run(serve_until_done(server, state, args.shutdown_timeout))
+    code = asyncio.run(serve_until_done(server, state, args.shutdown_timeout, sock))
     engine.shutdown()
     sys.exit(code)
