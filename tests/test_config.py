@@ -1,9 +1,10 @@
 import json
+import os
 
 import pytest
 import torch
 
-from vlserve.config import ModelConfig, resolve_dtype
+from vlserve.config import EngineConfig, ModelConfig, resolve_dtype
 from vlserve.errors import ConfigError
 from vlserve.model.tiny import TinySpec, tiny_config
 
@@ -82,3 +83,11 @@ def test_dtype_rules():
     assert resolve_dtype("half", "cpu") == torch.float16
     with pytest.raises(ConfigError, match="--dtype"):
         resolve_dtype("int8", "cpu")
+
+
+def test_a_relative_model_folder_is_resolved_once_at_the_door(tiny_ckpt, monkeypatch):
+    """Other nodes, `doctor` and /v1/models's `root` see one absolute path; a hub name stays as given."""
+    monkeypatch.chdir(tiny_ckpt.parent)
+    relative = os.path.join(".", tiny_ckpt.name)
+    assert EngineConfig(model=relative).model == str(tiny_ckpt.resolve())
+    assert EngineConfig(model="Qwen/Qwen2.5-VL-7B-Instruct").model == "Qwen/Qwen2.5-VL-7B-Instruct"

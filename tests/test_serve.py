@@ -195,7 +195,7 @@ def test_killed_worker_fails_requests_and_the_server_exits(tiny_ckpt):
     with live_server(tiny_ckpt, "-tp", "2", "--disable-ui") as (base, proc):
         core = [p for p in children(proc.pid) if b"core_process" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert core, "no engine core process found"
-        workers = [p for p in children(core[0]) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        workers = [p for p in children(core[0]) if b"worker_process" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert workers, "no spawned worker found"
         body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "ignore_eos": True,
                 "stream": True}

@@ -261,9 +261,11 @@ def add_doctor(sub) -> None:
 
 
 def run_doctor(args) -> int:
+    from vlserve.config import resolve_model_path
     from vlserve.plan import doctor
 
-    reports, across = doctor.run(args.head, args.model, on_cluster=args.cluster == "ray")
+    model = None if args.model is None else resolve_model_path(args.model)
+    reports, across = doctor.run(args.head, model, on_cluster=args.cluster == "ray")
     print(doctor.format_report(reports, across))
     return 2 if doctor.any_fatal(reports, across) else 0
 

@@ -4,6 +4,7 @@ Config flows one way: `ModelConfig.from_dir` reads `config.json` once; everythin
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,13 @@ class SchedulerConfig:
                 "enable chunked prefill")
 
 
+def resolve_model_path(model: str) -> str:
+    """A folder on this machine as an absolute path (a relative one means nothing to another node or folder);
+    anything else (a Hugging Face name) as given."""
+    expanded = os.path.expanduser(model)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else model
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, built once from flags or `LLM(...)` arguments and passed down unchanged."""
@@ -292,6 +300,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (only config + tokenizer read)
 
     def __post_init__(self):
+        object.__setattr__(self, "model", resolve_model_path(self.model))  # every node and /v1/models see one path
+
         def positive(flag: str, value, allow_none: bool = False):
             if value is None and allow_none:
                 return
