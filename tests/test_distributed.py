@@ -244,3 +244,4 @@ def test_a_rank_that_dies_while_starting_fails_the_start_at_once(tiny_ckpt, tmp_
     with pytest.raises(EngineDeadError, match="exited while starting .*simulated: this rank cannot start"):
         LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
     assert time.monotonic() - start < 60
+

@@ -22,8 +22,11 @@ class SpawnedWorker:
     def __init__(self, rank: int, args: tuple):
         self.name = f"vlserve-rank{rank}"
         self.tail = collections.deque(maxlen=TAIL_LINES)
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # The parent's import path (as multiprocessing's spawn passes it): vlserve and whatever the user's script
+        # put on sys.path import the same way in the rank.
+        path = os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
         self.pid = self.proc.pid
         self.forwarder = threading.Thread(target=self._forward, name=f"{self.name}-stderr", daemon=True)
         self.forwarder.start()
