@@ -325,7 +325,7 @@ class EngineConfig:
         if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
             raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r} must be one of "
                               f"{', '.join(EXECUTOR_BACKENDS)}")
-        if self.distributed_executor_backend == "local" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+        if self.distributed_executor_backend == "local" and self.world_size > 1:
             raise ConfigError("--distributed-executor-backend local runs one process; with --tensor-parallel-size or "
                               "--pipeline-parallel-size above 1 use mp (one machine) or ray (several)")
         if self.mm_encoder_tp_mode not in VISION_TP_MODES:
@@ -335,6 +335,11 @@ class EngineConfig:
                               "or dummy (random weights; only config.json and the tokenizer files are read)")
         if self.block_size <= 0 or self.block_size % 16:
             raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks: one process (one GPU) per tensor-parallel rank of each pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def model_len(self, model_cfg: ModelConfig) -> int:
         """Prompt plus output tokens per sequence: --max-model-len, else what the model was trained for."""

@@ -52,7 +52,7 @@ def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.
 
 def choose_backend(engine_cfg: EngineConfig, device: torch.device) -> str:
     """--distributed-executor-backend, else: one rank runs here; ranks beyond this machine's GPUs need Ray."""
-    world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
+    world = engine_cfg.world_size
     fits_here = device.type != "cuda" or world <= torch.cuda.device_count()
     backend = engine_cfg.distributed_executor_backend or ("local" if world == 1 else "mp" if fits_here else "ray")
     if backend == "mp" and not fits_here:
@@ -67,11 +67,11 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def rendezvous_store(rank: int, world: int, init_method: str, timeout_s: float) -> dist.TCPStore:
+def rendezvous_store(rank: int, engine_cfg: EngineConfig, init_method: str) -> dist.TCPStore:
     """torch.distributed's store at `init_method` (tcp://host:port): served by global rank 0, joined by the rest."""
     url = urlparse(init_method)
-    return dist.TCPStore(url.hostname, url.port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+    return dist.TCPStore(url.hostname, url.port, engine_cfg.world_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=engine_cfg.distributed_timeout_s), wait_for_workers=False)
 
 
 def init_groups(rank: int, engine_cfg: EngineConfig, store: dist.Store, device: torch.device) -> None:
@@ -79,7 +79,7 @@ def init_groups(rank: int, engine_cfg: EngineConfig, store: dist.Store, device: 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=tp * pp,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=engine_cfg.world_size,
                             timeout=timedelta(seconds=engine_cfg.distributed_timeout_s))
     stage = rank // tp
     for s in range(pp):  # every rank creates every group, in the same order
@@ -99,8 +99,7 @@ def control_group() -> dist.ProcessGroup:
 def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                 device: torch.device, dtype: torch.dtype) -> None:
     """One rank other than 0, until rank 0 broadcasts shutdown. `device` is this rank's own."""
-    world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
-    store = rendezvous_store(rank, world, init_method, engine_cfg.distributed_timeout_s)
+    store = rendezvous_store(rank, engine_cfg, init_method)
     store.set(f"joined/{rank}", "1")  # rank 0 watches for these while it watches the processes
     init_groups(rank, engine_cfg, store, device)
     control = control_group()
@@ -157,10 +156,9 @@ class MultiprocRunner:
         try:
             host = self.rendezvous_host()
             init_method = f"tcp://{host}:{free_port(host)}"
-            world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
-            store = rendezvous_store(0, world, init_method, engine_cfg.distributed_timeout_s)
+            store = rendezvous_store(0, engine_cfg, init_method)
             device = self.start_workers(init_method, model_cfg, engine_cfg, device, dtype)
-            self.wait_for_workers(store, world, engine_cfg.distributed_timeout_s)
+            self.wait_for_workers(store, engine_cfg.world_size, engine_cfg.distributed_timeout_s)
             init_groups(0, engine_cfg, store, device)
             self.control = control_group()
             self.runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
@@ -180,8 +178,7 @@ class MultiprocRunner:
     def start_workers(self, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                       device: torch.device, dtype: torch.dtype) -> torch.device:
         """Starts ranks 1.. as processes of their own (one GPU each); returns rank 0's device."""
-        world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
-        for rank in range(1, world):  # appended one by one: shutdown() stops those started if one fails
+        for rank in range(1, engine_cfg.world_size):  # appended one by one: shutdown() stops those started if one fails
             self.workers.append(SpawnedWorker(rank, (init_method, model_cfg, engine_cfg, rank_device(device, rank),
                                                      dtype)))
         return rank_device(device, 0)

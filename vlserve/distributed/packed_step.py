@@ -8,7 +8,7 @@ else 3), cu_seqlens (B + 1), context lengths (B), block tables (B x W), KV slots
 rows (M).
 """
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ def unpack(header: Header, buffer: torch.Tensor, media_embeds: torch.Tensor | No
 
 
 def send_step(step: StepInput, control: dist.ProcessGroup, device: torch.device) -> None:
-    """Global rank 0: every other rank gets `step` (see receive_step)."""
+    """Global rank 0: every other rank gets `step` (see receive)."""
     header, buffer = pack(step)
     dist.broadcast(header.tensor(), 0, group=control)
     dist.broadcast(to_device(buffer, device), 0)
@@ -96,7 +96,7 @@ def send_call(control: dist.ProcessGroup) -> None:
 
 def receive(control: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> StepInput | None:
     """A worker: the next step from global rank 0, or None when a call follows."""
-    t = torch.empty(len(astuple(Header(CALL))), dtype=torch.int64)
+    t = torch.empty(len(fields(Header)), dtype=torch.int64)
     dist.broadcast(t, 0, group=control)
     header = Header.of(t)
     if header.kind == CALL:

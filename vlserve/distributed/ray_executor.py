@@ -83,7 +83,7 @@ class RayRunner(MultiprocRunner):
     def start_workers(self, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                       device: torch.device, dtype: torch.dtype) -> torch.device:
         check_nodes(engine_cfg.model)
-        world = engine_cfg.tensor_parallel_size * engine_cfg.pipeline_parallel_size
+        world = engine_cfg.world_size
         gpu = device.type == "cuda"
         self.placement = self.place(world, gpu, urlparse(init_method).hostname, engine_cfg.distributed_timeout_s)
         slots = self.slots_by_node()

@@ -31,7 +31,7 @@ def check_before_loading(cfg: ModelConfig, config: EngineConfig, device: torch.d
 def live_inventory(config: EngineConfig, device: torch.device) -> Inventory:
     """The cards the ranks will get: this machine's (from the engine's device on), or the Ray cluster's when the
     ranks go there."""
-    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    world = config.world_size
     if device.type != "cuda":
         return cpu_inventory()
     node = this_node()
