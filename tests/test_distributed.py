@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,39 @@ def test_dead_worker_fails_the_step(tiny_ckpt):
         engine.shutdown()
 
 
+def test_engines_one_after_another_in_one_process(tiny_ckpt):
+    """A notebook or a sweep makes engines in turn: tp 1, then tp 2 left through `with`, then tp 2 simply dropped.
+    Each gives back its workers and process group, so the next starts, and all answer alike."""
+    kwargs = dict(progress=False, num_gpu_blocks_override=256)
+    llm = LLM(str(tiny_ckpt), **kwargs)
+    expected = tokens(llm)
+    llm.shutdown()
+    llm.shutdown()  # a second call does nothing
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.generate("hello")
+    with LLM(str(tiny_ckpt), tensor_parallel_size=2, **kwargs) as llm:
+        workers = llm.core.runner.workers
+        assert tokens(llm) == expected
+    assert not dist.is_initialized() and not any(w.is_alive() for w in workers)
+    llm = LLM(str(tiny_ckpt), tensor_parallel_size=2, **kwargs)
+    workers = llm.core.runner.workers
+    assert tokens(llm) == expected
+    del llm  # no shutdown(): garbage collection releases it
+    assert not dist.is_initialized() and not any(w.is_alive() for w in workers)
+
+
+def test_shutdown_frees_the_model(tiny_ckpt, device):
+    """Weights, KV cache and (on CUDA) graphs go with shutdown, while the LLM object itself may live on."""
+    allocated = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+    llm = LLM(str(tiny_ckpt), device=device, progress=False, num_gpu_blocks_override=256)
+    model = weakref.ref(llm.core.runner.model)
+    assert tokens(llm)
+    llm.shutdown()
+    assert model() is None
+    if device.startswith("cuda"):
+        assert torch.cuda.memory_allocated() == allocated
+
+
 def test_shutdown_after_a_failed_step_does_not_hang(tiny_ckpt):
     """Rank 0 fails mid-step while the other rank waits inside the model's all-reduce: shutting down must stop
     that rank, not send it a message it can no longer receive."""
@@ -126,9 +160,9 @@ def test_shutdown_after_a_failed_step_does_not_hang(tiny_ckpt):
     engine.add(llm.prompt_request("hello", SamplingParams(max_tokens=4)))
     with pytest.raises(RuntimeError, match="simulated"):
         engine.step()
-    start = time.monotonic()
+    workers, start = engine.runner.workers, time.monotonic()
     engine.shutdown()
-    assert time.monotonic() - start < 15 and not any(w.is_alive() for w in engine.runner.workers)
+    assert time.monotonic() - start < 15 and not any(w.is_alive() for w in workers)
 
 
 def test_mp_executor_with_one_rank_matches_local(tiny_ckpt, device):

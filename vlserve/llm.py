@@ -6,6 +6,7 @@ turns its tokens into text.
 """
 
 import itertools
+import weakref
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -44,6 +45,7 @@ class LLM:
     def start(self, config: EngineConfig, progress: bool) -> None:
         self.tokenizer = load_tokenizer(config.model)
         self.core = EngineCore(config, progress=progress)
+        self.release = weakref.finalize(self, self.core.shutdown)  # on shutdown(), garbage collection or exit
         self.inputs = InputProcessor(config, self.core.model_config, self.tokenizer, self.core.capacity)
         self.outputs = OutputProcessor(self.tokenizer, self.core.eos_token_ids)
         self.ids = itertools.count()
@@ -114,8 +116,9 @@ class LLM:
         return processed.outputs
 
     def shutdown(self) -> None:
-        """Stops the engine's workers (tensor/pipeline parallel ranks)."""
-        self.core.shutdown()
+        """Stops the engine's workers (tensor/pipeline parallel ranks) and frees its memory (weights, KV cache,
+        CUDA graphs) for the next engine; dropping the LLM or leaving `with LLM(...) as llm:` does the same."""
+        self.release()
 
     def __enter__(self) -> "LLM":
         return self

@@ -282,6 +282,7 @@ class MultiprocRunner:
         if self.closed:
             return
         self.closed = True
+        atexit.unregister(self.shutdown)  # which held this runner, and so the model, alive
         told = False
         if not self.broken and all(w.is_alive() for w in self.workers):
             with contextlib.suppress(Exception):  # the group may break under us: then stop them as below

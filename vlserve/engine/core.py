@@ -10,6 +10,7 @@ Stops are therefore decided a step late: a sequence that stopped at step N was a
 it is dropped. Under pipeline parallel one step per stage is in flight instead, each with other sequences.
 """
 
+import gc
 import logging
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineSt
 from vlserve.engine.scheduler import ScheduledSeq, Scheduler
 from vlserve.engine.sequence import Sequence, SequenceStatus
 from vlserve.engine.stop import check_stop
+from vlserve.errors import EngineDeadError
 from vlserve.plan.preflight import check_before_loading
 
 log = logging.getLogger("vlserve.engine")
@@ -88,6 +90,8 @@ class EngineCore:
     # ---- requests ----
     def add(self, req: EngineRequest) -> None:
         """Queues the request's n samples. The input processor has checked it; an id in use is a caller's bug."""
+        if self.runner is None:
+            raise EngineDeadError("this engine was shut down; create a new one to generate")
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         seqs = [Sequence(req.request_id, list(req.prompt_token_ids), req.params, media=req.media,
@@ -119,7 +123,15 @@ class EngineCore:
                            bm.hits, s.num_preemptions)
 
     def shutdown(self) -> None:
+        """Stops the workers and lets go of the weights, KV cache and CUDA graphs, so the next engine in this
+        process gets their memory. Requests after this are refused; a second call does nothing."""
+        if self.runner is None:
+            return
         self.runner.shutdown()
+        self.runner, self.in_flight = None, deque()
+        gc.collect()  # the runner's parts refer to each other: free them now, not at some later collection
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- one step ----
     def step(self) -> list[CoreOutput]:
