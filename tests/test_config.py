@@ -91,3 +91,24 @@ def test_a_relative_model_folder_is_resolved_once_at_the_door(tiny_ckpt, monkeyp
     relative = os.path.join(".", tiny_ckpt.name)
     assert EngineConfig(model=relative).model == str(tiny_ckpt.resolve())
     assert EngineConfig(model="Qwen/Qwen2.5-VL-7B-Instruct").model == "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def test_every_flag_shows_its_default_in_help():
+    """`--help` of every command names each option's default (a newcomer should not need the source)."""
+    import argparse
+
+    from vlserve.cli import build_parser
+
+    def parsers(p, name="vlserve"):
+        yield name, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub, sp in a.choices.items():
+                    yield from parsers(sp, f"{name} {sub}")
+
+    for name, p in parsers(build_parser()):
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.help != argparse.SUPPRESS:
+                shown = a.default if not isinstance(a.default, (list, tuple)) else list(a.default)
+                assert f"default: {shown}" in text or "(default:" in (a.help or ""), (name, a.option_strings)

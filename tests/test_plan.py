@@ -301,3 +301,56 @@ def test_the_driver_lists_the_cards_without_starting_cuda(tmp_path, monkeypatch,
 def test_no_driver_tool_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi anywhere
     assert driver_cards() is None
+
+
+def cpu_plan(model: str, free_gib: float, **engine):
+    """A plan for a CPU machine with `free_gib` of memory free (this machine's varies with the load)."""
+    from vlserve.config import EngineConfig, ModelConfig
+    from vlserve.plan.inventory import Inventory, Node
+    from vlserve.plan.planner import Request, make_plan
+
+    config = EngineConfig(model=model, device="cpu", **engine)
+    return make_plan(ModelConfig.from_dir(model), Inventory((Node("cpu", (), int(free_gib * 2**30)),), "test"),
+                     Request(config))
+
+
+def test_the_cpu_kv_cache_is_what_the_sequences_need(tiny_ckpt):
+    """Unset, --kv-cache-memory-gib is what --max-num-seqs sequences of --max-model-len need (not a fixed 4 GiB),
+    and the engine allocates the plan's blocks."""
+    plan = cpu_plan(str(tiny_ckpt), 20, max_model_len=256, max_num_seqs=4)
+    assert plan.feasible and plan.chosen.kv_blocks == 4 * 256 // 16
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, max_model_len=256, max_num_seqs=4)
+    assert llm.core.block_manager.num_blocks == 4 * 256 // 16
+    llm.shutdown()
+
+
+def test_the_cpu_kv_cache_stops_at_the_memory_free(tiny_ckpt):
+    plan = cpu_plan(str(tiny_ckpt), 2)
+    c = plan.chosen
+    assert plan.feasible and 0 < c.kv_tokens < 256 * 32768
+    assert sum(r.total for r in c.memory) <= 0.9 * 2 * 2**30 < sum(r.total + r.kv_per_block for r in c.memory)
+
+
+def test_fp32_weights_over_the_cpu_memory_suggest_bfloat16(layouts):
+    """7B in fp32 (30.9 GiB) on a 23.5 GiB machine: the fix is the dtype, not the KV cache."""
+    plan = cpu_plan(layouts["7b"], 23.5)
+    (error,) = plan.chosen.errors
+    assert error.code == "out_of_memory" and "float32 weights (30.89 GiB)" in error.message
+    assert error.fix.startswith("--dtype bfloat16 halves the weights and fits (KV cache ")
+    assert cpu_plan(layouts["7b"], 23.5, dtype="bfloat16").feasible
+    assert cpu_plan(layouts["7b"], 12).chosen.errors[0].fix == "use a GPU or a machine with more memory"
+
+
+def test_a_cpu_kv_cache_too_large_says_how_much_fits(tiny_ckpt):
+    (error,) = cpu_plan(str(tiny_ckpt), 4, kv_cache_memory_gib=8).chosen.errors
+    most = float(error.fix.split()[3])
+    assert error.code == "out_of_memory" and error.fix.startswith("lower --kv-cache-memory-gib to ")
+    assert cpu_plan(str(tiny_ckpt), 4, kv_cache_memory_gib=most).feasible
+    assert not cpu_plan(str(tiny_ckpt), 4, kv_cache_memory_gib=most + 0.05).feasible
+
+
+def test_a_cpu_context_over_the_memory_names_the_largest(layouts):
+    (error,) = cpu_plan(layouts["7b"], 24, dtype="bfloat16", max_model_len=100_000).chosen.errors
+    assert error.code == "max_model_len_exceeds_kv_cache" and error.fix.startswith("--max-model-len ")
+    largest = int(error.fix.split()[1])
+    assert cpu_plan(layouts["7b"], 24, dtype="bfloat16", max_model_len=largest).feasible

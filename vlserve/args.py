@@ -21,10 +21,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 8192)")
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split long prompts over steps of --max-num-batched-tokens")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a multiple of 16)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--kv-cache-memory-gib", type=float, default=4.0, help="CPU: memory for the KV cache")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of a prompt prefix seen before")
+    g.add_argument("--kv-cache-memory-gib", type=float,
+                   help="CPU: memory for the KV cache (default: what --max-num-seqs sequences of --max-model-len "
+                        "tokens need, at most what the memory free after the weights allows)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="GPU: fraction of the card's memory vlserve may use")
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")

@@ -10,20 +10,20 @@ from vlserve.errors import VLServeError
 def add_make_tiny(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a small random-weight Qwen2.5-VL checkpoint (Hugging Face format)")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--intermediate-size", type=int, default=128)
+    p.add_argument("--hidden-size", type=int, default=64, help="language model width")
+    p.add_argument("--intermediate-size", type=int, default=128, help="language model MLP width")
     p.add_argument("--layers", type=int, default=2, help="language model layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA ratio = heads / kv-heads)")
     p.add_argument("--tie-word-embeddings", action="store_true")
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--vision-hidden-size", type=int, default=64)
-    p.add_argument("--vision-heads", type=int, default=4)
-    p.add_argument("--vision-intermediate-size", type=int, default=96)
+    p.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
+    p.add_argument("--vision-hidden-size", type=int, default=64, help="vision tower width")
+    p.add_argument("--vision-heads", type=int, default=4, help="vision attention heads")
+    p.add_argument("--vision-intermediate-size", type=int, default=96, help="vision MLP width")
     p.add_argument("--fullatt-blocks", default="1,3", help="comma-separated indexes of full-attention vision blocks")
     p.add_argument("--text-only", action="store_true", help="a plain Qwen2ForCausalLM checkpoint")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors files (with an index when > 1)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of the weights written")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_make_tiny)
 
@@ -58,7 +58,7 @@ def add_bench(sub) -> None:
 def add_workload_args(p) -> None:
     """What each benchmark request asks for; shared by the bench subcommands."""
     g = p.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=100)
+    g.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     g.add_argument("--input-len", type=int, default=512,
                    help="text tokens per prompt (with images, the chat template and image tokens come on top)")
     g.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
@@ -159,7 +159,7 @@ def add_ui(sub) -> None:
     p.add_argument("--api-base", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY)")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port of the chat page")
     p.add_argument("--model", help="model name to ask for (default: the first one the server lists)")
     p.set_defaults(func=run_ui)
 
@@ -270,10 +270,28 @@ def run_doctor(args) -> int:
     return 2 if doctor.any_fatal(reports, across) else 0
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help names each option's default, unless its help already says it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """Every vlserve command's parser (subcommands' parsers are of their parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlserve.serve.server import add_serve_args  # the server and torch: `vlserve plan` does without (plan_parser)
 
-    parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
+    parser = Parser(prog="vlserve", description="Serve Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
     add_serve_args(sub)
@@ -287,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_parser() -> argparse.ArgumentParser:
     """`vlserve plan` answers in under a second: its parser alone, without the server's (which imports torch)."""
-    parser = argparse.ArgumentParser(prog="vlserve", description="Serve Qwen2.5-VL")
+    parser = Parser(prog="vlserve", description="Serve Qwen2.5-VL")
     add_plan(parser.add_subparsers(dest="command", required=True))
     return parser
 

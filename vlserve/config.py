@@ -281,7 +281,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     block_size: int = 16
     enable_prefix_caching: bool = True
-    kv_cache_memory_gib: float = 4.0  # CPU: memory for the KV cache
+    kv_cache_memory_gib: float | None = None  # CPU: memory for the KV cache; None: sized by the planner
     gpu_memory_utilization: float = 0.9  # GPU: fraction of the card's memory vlserve may use in total
     num_gpu_blocks_override: int | None = None
     vision_cache_mib: int = 512  # encoded images/videos kept for reuse (multi-turn chats)
@@ -311,7 +311,7 @@ class EngineConfig:
         positive("--max-model-len", self.max_model_len, allow_none=True)
         positive("--max-num-seqs", self.max_num_seqs)
         positive("--max-num-batched-tokens", self.max_num_batched_tokens, allow_none=True)
-        positive("--kv-cache-memory-gib", self.kv_cache_memory_gib)
+        positive("--kv-cache-memory-gib", self.kv_cache_memory_gib, allow_none=True)
         positive("--num-gpu-blocks-override", self.num_gpu_blocks_override, allow_none=True)
         positive("--vision-cache-mib", self.vision_cache_mib)
         positive("--tensor-parallel-size", self.tensor_parallel_size)

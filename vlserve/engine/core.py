@@ -45,11 +45,11 @@ class EngineCore:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         torch.manual_seed(config.seed)
-        check_before_loading(self.model_config, config, self.device)  # the planner's checks, no weights read
+        plan = check_before_loading(self.model_config, config, self.device)  # the planner's checks, no weights
         self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
         self.async_scheduling = self.can_schedule_async(config)
         scheduler_config = replace(scheduler_config, async_scheduling=self.async_scheduling)
-        num_blocks = self.num_kv_blocks(scheduler_config)
+        num_blocks = self.num_kv_blocks(scheduler_config, plan.chosen.kv_blocks)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
@@ -73,13 +73,12 @@ class EngineCore:
                         str(self.device), str(self.dtype).removeprefix("torch."))
 
     # ---- KV sizing ----
-    def num_kv_blocks(self, scheduler_config: SchedulerConfig) -> int:
+    def num_kv_blocks(self, scheduler_config: SchedulerConfig, planned: int) -> int:
+        """The plan's count on the CPU (its memory model is the CPU's allocation); a GPU profiles its memory."""
         c = self.config
-        if c.num_gpu_blocks_override is not None:
-            return c.num_gpu_blocks_override
+        if c.num_gpu_blocks_override is not None or self.device.type == "cpu":
+            return planned
         per_block = self.runner.kv_bytes_per_block()
-        if self.device.type == "cpu":
-            return max(1, int(c.kv_cache_memory_gib * 2**30) // per_block)
         return self.runner.profile_free_blocks(c.gpu_memory_utilization, scheduler_config, c.media, per_block)
 
     def log_capacity(self, num_blocks: int) -> None:

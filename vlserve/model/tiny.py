@@ -56,6 +56,10 @@ class TinySpec:
     shards: int = 1
     seed: int = 0
     dtype: str = "float32"
+    max_position_embeddings: int = 32768
+
+
+DEMO_SPEC = TinySpec(max_position_embeddings=8192)  # the KV cache of 256 sequences of 8,192 tokens: 1 GiB (CPU)
 
 
 def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
@@ -89,7 +93,7 @@ def demo_checkpoint() -> Path:
     # Written aside and renamed, so an interrupted write or a concurrent first run never leaves a partial folder.
     tmp = Path(tempfile.mkdtemp(prefix="demo-tiny-", dir=path.parent))
     try:
-        make_tiny(tmp)
+        make_tiny(tmp, DEMO_SPEC)
         tmp.rename(path)
     except OSError:
         if not path.is_dir():  # unless another process got there first
@@ -115,7 +119,7 @@ def tiny_config(spec: TinySpec) -> dict:
         "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_key_value_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": 32768,
+        "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "tie_word_embeddings": spec.tie_word_embeddings,

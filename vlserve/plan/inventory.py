@@ -18,7 +18,7 @@ SPEC_EXAMPLE = "e.g. 8xH100, 2x8xRTX2080Ti or 1x4xA100-80GB,1x4xA100-40GB"
 class Node:
     name: str
     gpus: tuple[Card, ...]
-    memory_bytes: int = 0  # system memory; what a CPU plan uses (unknown for a --cluster SPEC)
+    memory_bytes: int = 0  # system memory (a CPU plan's: the memory free); unknown for a --cluster SPEC
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Inventory:
 
     def describe(self) -> str:
         if self.is_cpu:
-            return f"{self.source}: CPU only, {self.nodes[0].memory_bytes / 2**30:.1f} GiB of memory"
+            return f"{self.source}: CPU only, {self.nodes[0].memory_bytes / 2**30:.1f} GiB of memory free"
         groups = []
         for node in self.nodes:
             names = [card.name for card in node.gpus]
@@ -75,6 +75,19 @@ def system_memory_bytes() -> int:
     except OSError:
         return total
     return min(total, int(limit)) if limit.isdigit() else total
+
+
+def available_memory_bytes() -> int:
+    """Memory a new process can take now without swapping: MemAvailable, or what the container's cgroup limit
+    leaves when that is less."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return available
+    return min(available, int(limit) - current) if limit.isdigit() else available
 
 
 def this_node() -> Node:
@@ -126,8 +139,9 @@ def ray_inventory() -> Inventory:
 
 
 def cpu_inventory() -> Inventory:
-    """This machine as a CPU plan sees it: no GPU, its memory."""
-    return Inventory((Node(socket.gethostname(), (), system_memory_bytes()),), "this machine")
+    """This machine as a CPU plan sees it: no GPU, the memory free now (weights, activations and the KV cache
+    must all fit in it)."""
+    return Inventory((Node(socket.gethostname(), (), available_memory_bytes()),), "this machine")
 
 
 def inventory(spec: str | None, cpu: bool = False) -> Inventory:

@@ -39,6 +39,7 @@ LADDER = (("mm_encoder_tp_mode", "weights"), ("max_num_batched_tokens", 4096), (
           ("max_pixels", 1024 * PIXELS_PER_TOKEN), ("max_num_seqs", 64), ("max_num_batched_tokens", 1024),
           ("max_pixels", 256 * PIXELS_PER_TOKEN), ("max_num_seqs", 32))
 LARGEST_SEARCH = 64  # GPUs tried when looking for the smallest count that fits
+CPU_MEMORY_SHARE = 0.9  # of the memory free, what a CPU engine may take (the rest: the server, the OS)
 
 
 @dataclass(frozen=True)
@@ -226,35 +227,37 @@ class Planner:
                              for card in dict.fromkeys(stage_cards)]
             else:
                 c.memory.append(StageMemory(stage.index, "CPU", self.inventory.nodes[0].memory_bytes, *sizes))
-        c.kv_blocks = self.kv_blocks(c.memory, on_gpu, s.gpu_memory_utilization)
+        c.kv_blocks = self.kv_blocks(c.memory, s) if on_gpu else self.cpu_kv_blocks(c.memory, s)
         for row in c.memory:
             row.kv_cache = max(c.kv_blocks, 0) * row.kv_per_block
         c.kv_tokens = max(c.kv_blocks, 0) * e.block_size
         self.check_memory(c, on_gpu)
 
-    def kv_blocks(self, rows: list[StageMemory], on_gpu: bool, utilization: float) -> int:
-        """As LLMEngine.num_kv_blocks: rank 0's bytes per block, the smallest budget of all ranks."""
+    def kv_blocks(self, rows: list[StageMemory], s: Settings) -> int:
+        """As the engine's profiling step: rank 0's bytes per block, the smallest budget of all ranks."""
+        if self.engine.num_gpu_blocks_override is not None:
+            return self.engine.num_gpu_blocks_override
+        return min(math.floor(r.capacity * s.gpu_memory_utilization - r.weights - r.activation - r.reserve)
+                   // r.kv_per_block for r in rows)
+
+    def cpu_kv_blocks(self, rows: list[StageMemory], s: Settings) -> int:
+        """The CPU engine allocates exactly this (it runs this plan): --num-gpu-blocks-override, else
+        --kv-cache-memory-gib's worth, else what --max-num-seqs sequences of the target length need, at most
+        CPU_MEMORY_SHARE of the memory free once every rank's weights and activations are in."""
         e, per_block = self.engine, rows[0].kv_per_block
         if e.num_gpu_blocks_override is not None:
             return e.num_gpu_blocks_override
-        if not on_gpu:
+        if e.kv_cache_memory_gib is not None:
             return max(1, int(e.kv_cache_memory_gib * GIB) // per_block)
-        return min(math.floor(r.capacity * utilization - r.weights - r.activation - r.reserve) // per_block
-                   for r in rows)
+        ranks = s.tensor_parallel_size
+        free = rows[0].capacity * CPU_MEMORY_SHARE - ranks * sum(r.weights + r.activation + r.reserve for r in rows)
+        fits = int(free // (ranks * sum(r.kv_per_block for r in rows)))
+        return max(1, min(s.max_num_seqs * -(-self.target_len // e.block_size), fits))
 
     def check_memory(self, c: Candidate, on_gpu: bool) -> None:
         e, utilization = self.engine, c.settings.gpu_memory_utilization
         if not on_gpu:
-            ranks = c.settings.tensor_parallel_size
-            used = sum(ranks * r.total for r in c.memory)
-            c.overshoot = used - c.memory[0].capacity
-            if c.overshoot > 0:
-                kv = sum(ranks * r.kv_cache for r in c.memory)
-                c.errors.append(Problem(
-                    "out_of_memory", f"weights {gib(sum(ranks * r.weights for r in c.memory))}, the profiling peak "
-                    f"and the KV cache ({gib(kv)}) need {gib(used)}, more than this machine's "
-                    f"{gib(c.memory[0].capacity)}", f"lower --kv-cache-memory-gib (it holds {gib(kv)} now), or use a "
-                    "GPU or a machine with more memory"))
+            self.check_cpu_memory(c)
             return
         override = e.num_gpu_blocks_override is not None
         budgets = [r.capacity if override else r.capacity * utilization for r in c.memory]
@@ -276,6 +279,37 @@ class Planner:
                 f"budget, in the {gib(headroom)} that --gpu-memory-utilization {utilization} leaves on "
                 f"{c.memory[0].device}: once it fills, the card runs out of memory",
                 f"lower --vision-cache-mib to {cache_mib} or --gpu-memory-utilization"))
+
+    def check_cpu_memory(self, c: Candidate) -> None:
+        """All ranks share this machine's free memory, of which the engine may take CPU_MEMORY_SHARE."""
+        ranks, free = c.settings.tensor_parallel_size, c.memory[0].capacity
+        budget = free * CPU_MEMORY_SHARE
+        model = ranks * sum(r.weights + r.activation + r.reserve for r in c.memory)
+        kv = ranks * sum(r.kv_cache for r in c.memory)
+        c.overshoot = model + kv - budget
+        if c.overshoot <= 0:
+            return
+        of = f"the {gib(budget)} vlserve may take of the {gib(free)} this machine has free"
+        weights = gib(ranks * sum(r.weights for r in c.memory))
+        if model > budget:
+            c.errors.append(Problem("out_of_memory", f"the {c.dtype} weights ({weights}) and the profiling peak "
+                                    f"need {gib(model)}, more than {of}", self.cpu_model_fix(c)))
+        else:
+            most = math.floor((budget - model) / GIB * 100) / 100
+            c.errors.append(Problem(
+                "out_of_memory", f"the {c.dtype} weights ({weights}), the profiling peak and the KV cache "
+                f"({gib(kv)}) need {gib(model + kv)}, more than {of}",
+                f"lower --kv-cache-memory-gib to {most} or leave it out (vlserve then sizes the KV cache to fit)"))
+
+    def cpu_model_fix(self, c: Candidate) -> str:
+        """A smaller dtype when one fits this machine, else more memory."""
+        if c.dtype == "float32":
+            halved = Planner(self.cfg, self.inventory, Request(replace(self.engine, dtype="bfloat16"),
+                                                               self.request.asked))
+            fits = halved.best_for(c.settings.tensor_parallel_size, c.settings.pipeline_parallel_size)
+            if fits.feasible:
+                return f"--dtype bfloat16 halves the weights and fits (KV cache {fits.kv_tokens:,} tokens)"
+        return "use a GPU or a machine with more memory"
 
     def vision_cache_room(self, c: Candidate, utilization: float) -> tuple[float, int | None]:
         """The memory `utilization` leaves on the first card, where the vision cache lives, and the
@@ -302,6 +336,9 @@ class Planner:
     def context_fix(self, c: Candidate, asked: int) -> str:
         fits = f"--max-model-len {c.kv_tokens} is the largest that fits" if c.kv_tokens > 0 else ""
         blocks = -(-asked // self.engine.block_size)
+        sized = self.engine.kv_cache_memory_gib is None and self.engine.num_gpu_blocks_override is None
+        if self.inventory.is_cpu and sized:  # the KV cache has all the memory left: only the weights can shrink
+            return f"{fits}; {self.cpu_model_fix(c)}" if fits else self.cpu_model_fix(c)
         if self.inventory.is_cpu or self.engine.num_gpu_blocks_override is not None:
             flag = "--num-gpu-blocks-override" if self.engine.num_gpu_blocks_override is not None else \
                 "--kv-cache-memory-gib"

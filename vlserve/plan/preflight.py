@@ -9,13 +9,14 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.errors import ClusterError, PlanError
 from vlserve.plan.checks import kernel_image
 from vlserve.plan.inventory import Inventory, Node, cpu_inventory, ray_inventory, this_node
-from vlserve.plan.planner import Request, make_plan
+from vlserve.plan.planner import Plan, Request, make_plan
 
 log = logging.getLogger("vlserve.plan")
 
 
-def check_before_loading(cfg: ModelConfig, config: EngineConfig, device: torch.device) -> None:
-    """Raises PlanError naming every problem with its fix; logs the notes (the dtype fallback, ...)."""
+def check_before_loading(cfg: ModelConfig, config: EngineConfig, device: torch.device) -> Plan:
+    """Raises PlanError naming every problem with its fix; logs the notes (the dtype fallback, ...). Returns the
+    plan, whose KV cache size a CPU engine allocates."""
     hardware = live_inventory(config, device)
     plan = make_plan(cfg, hardware, Request(config))
     problems = list(plan.chosen.errors)
@@ -26,6 +27,7 @@ def check_before_loading(cfg: ModelConfig, config: EngineConfig, device: torch.d
         log.warning("%s", note)
     if problems:
         raise PlanError("\n".join(map(str, dict.fromkeys(problems))))
+    return plan
 
 
 def live_inventory(config: EngineConfig, device: torch.device) -> Inventory:

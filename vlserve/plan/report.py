@@ -23,7 +23,9 @@ def serve_command(plan: Plan) -> str:
     if partition and len(partition) == s.pipeline_parallel_size:
         args += ["--pp-layer-partition", ",".join(map(str, partition))]
     if plan.inventory.is_cpu:
-        args += ["--device", "cpu", "--kv-cache-memory-gib", f"{e.kv_cache_memory_gib:g}"]
+        args += ["--device", "cpu"]  # without --kv-cache-memory-gib, serve sizes the KV cache as this plan did
+        if e.kv_cache_memory_gib is not None:
+            args += ["--kv-cache-memory-gib", f"{e.kv_cache_memory_gib:g}"]
     else:
         args += ["--gpu-memory-utilization", f"{s.gpu_memory_utilization:g}"]
     if s.mm_encoder_tp_mode != "data":

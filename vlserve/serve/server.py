@@ -20,7 +20,7 @@ def add_serve_args(sub) -> None:
     p.add_argument("model", nargs="?", help="checkpoint folder (default: a tiny random-weight demo model)")
     p.add_argument("--model", dest="model_flag", help="the same as the positional MODEL (vLLM accepts both)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: the folder name)")
     p.add_argument("--api-key", default=os.environ.get("VLSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env VLSERVE_API_KEY)")
@@ -33,7 +33,7 @@ def add_serve_args(sub) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers before it is closed")
     p.add_argument("--disable-ui", action="store_true", help="do not mount the chat page at /ui")
-    p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (the access log is at info)")
     add_engine_args(p)
     p.set_defaults(func=run_serve)
 
