@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vlserve's, after transformers is freed")
     p.add_argument("--skip-transformers", action="store_true",
                    help="vlserve alone (a baseline tree of vlserve run in the same call beside another's full run)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="vlserve's --async-scheduling (off: the step-by-step engine, for an A/B in one tree)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -186,7 +188,8 @@ def run_hf(args, folder: Path, inputs: dict, dtype: torch.dtype, device: torch.d
 def run_vlserve(args, folder: Path, inputs: dict) -> dict:
     llm = LLM(str(folder), load_format="dummy", dtype=args.dtype, device=args.device,
               max_model_len=longest_request(inputs), gpu_memory_utilization=args.gpu_memory_utilization,
-              progress=False, kv_cache_memory_gib=0.05)  # the CPU smoke run's KV cache; a GPU sizes it by memory
+              progress=False, kv_cache_memory_gib=0.05,  # the CPU smoke run's KV cache; a GPU sizes it by memory
+              async_scheduling=args.async_scheduling)
     results = {}
     for name, (w, prompts, _) in inputs.items():
         params = w.sampling_params()

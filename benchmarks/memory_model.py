@@ -80,7 +80,7 @@ def main() -> None:
         measured = torch.cuda.max_memory_allocated(device) - before
         free, total = torch.cuda.mem_get_info(device)
         patches = image_patches(max_pixels, cfg.vision) if vision else 0
-        predicted = activation_bytes(cfg, 1, stage, Step(tokens, 256, patches), False, 2, fused=True)
+        predicted = activation_bytes(cfg, 1, stage, Step(tokens, 256, patches), False, 2, on_gpu=True)
         planned = make_plan(cfg, Inventory((Node("gpu", (card,)),), "this GPU"), Request(
             EngineConfig(model=cfg.path, dtype="bfloat16", max_num_batched_tokens=tokens,
                          media=media))).chosen if vision else None
@@ -97,7 +97,7 @@ def main() -> None:
         before = torch.cuda.memory_allocated(device)
         sample_worst_case(rows, cfg.vocab_size, device)
         measured = torch.cuda.max_memory_allocated(device) - before
-        planned = sampler_peak(cfg.vocab_size, rows)
+        planned = sampler_peak(cfg.vocab_size, rows, on_gpu=True)
         result["sampler"] = result.get("sampler", []) + [
             {"rows": rows, "measured": measured, "planned": planned, "error": planned / measured - 1}]
     print(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ profile() {  # $1: label, $2: the tree whose vlserve runs
     | grep -E "^==|cudaStreamSynchronize|cudaEventSynchronize|Self CUDA time|Self CPU time"
 }
 if has serve; then  # 256 requests through `vlserve serve` + `vlserve bench serve` (streaming) against offline
-  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+  mkdir -p /tmp/qwen7b && python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 from compare_hf import write_model_folder; write_model_folder('7b', Path('/tmp/qwen7b'))"
   timeout 240 python3 benchmarks/front_door.py /tmp/qwen7b --skip preprocess health --num-prompts 256 \
     --input-len 512 --output-len 256 --engine-flags "--load-format dummy --max-model-len 1024" \

@@ -196,7 +196,7 @@ print(json.dumps({"tokens": tokens, "device": engine.capacity.device, "front_cud
 def test_core_runs_on_the_device_and_the_front_never_touches_it(tiny_ckpt, device):
     """The engine core process owns the device (CUDA is initialised there, never in the front, which may then
     fork or spawn freely); its greedy tokens equal the offline engine's on the same device."""
-    memory = {"gpu_memory_utilization": 0.05} if device.startswith("cuda") else {"kv_cache_memory_gib": 0.25}
+    memory = {"num_gpu_blocks_override": 1024} if device.startswith("cuda") else {"kv_cache_memory_gib": 0.25}
     args = {"model": str(tiny_ckpt), "device": device, "dtype": "float32", **memory}
     out = subprocess.run([sys.executable, "-c", FRONT, json.dumps(args)], capture_output=True, text=True,
                          timeout=300)

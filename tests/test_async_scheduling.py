@@ -27,9 +27,9 @@ SETTINGS = {
 
 
 def engine(ckpt, device, async_scheduling, **settings):
-    memory = {"gpu_memory_utilization": 0.05} if device.startswith("cuda") else {}
+    memory = {"num_gpu_blocks_override": 1024} if device.startswith("cuda") else {}
     return LLM(str(ckpt), device=device, dtype="float32", progress=False, async_scheduling=async_scheduling,
-               **memory, **settings)
+               **(memory | settings))
 
 
 def outputs(llm, prompts=PROMPTS, params=PARAMS):

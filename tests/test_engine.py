@@ -57,9 +57,9 @@ def assert_no_leaks(llm):
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_greedy_equals_transformers(tiny_ckpt, reference, setting, device):
-    # On a GPU, a small share of the card: a tiny model's KV blocks are tiny, and millions would be wasted.
-    memory = {"gpu_memory_utilization": 0.05} if device.startswith("cuda") else {}
-    llm = LLM(str(tiny_ckpt), device=device, dtype="float32", progress=False, **memory, **SETTINGS[setting])
+    # On a GPU, a fixed KV cache: a tiny model's blocks are tiny (millions would fit), and other tests hold memory
+    memory = {"num_gpu_blocks_override": 1024} if device.startswith("cuda") else {}
+    llm = LLM(str(tiny_ckpt), device=device, dtype="float32", progress=False, **(memory | SETTINGS[setting]))
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=3)
     outputs = llm.chat(CONVERSATIONS, params, use_tqdm=False)
     for out, (tokens, logprobs) in zip(outputs, reference):

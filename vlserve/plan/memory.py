@@ -33,8 +33,11 @@ AWQ_PACK = 8  # 4-bit values per int32
 # The sampler's worst case (`sampler.WORST_CASE`), in fp32 (seats, vocabulary) logits, measured on the CPU with
 # torch.profiler's allocations: the logits, their penalised copy and its temporary (every seat at once), then the
 # logits, the penalised copy and 5 copies of one chunk of rows (`sampler.row_chunks`: filters, sort, draw).
+# On a GPU the chunk costs 16: CUDA's sort keeps keys, int64 indices and their double buffers (15.4 measured on an
+# H100 at 27 and at 256 seats, benchmarks/memory_model.py).
 SAMPLER_FULL_COPIES = 3
 SAMPLER_CHUNK_COPIES = 5
+SAMPLER_CHUNK_COPIES_GPU = 16
 
 
 @dataclass(frozen=True)
@@ -170,22 +173,23 @@ def image_tokens(max_pixels: int, vision: VisionConfig) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, stage: Stage, step: Step, vision_split: bool, dtype_bytes: int,
-                     fused: bool = False) -> int:
-    """Peak bytes above the weights during the engine's profiling step on one rank of `stage`. `fused`: on a GPU,
-    where RMSNorm and SiLU-and-mul are single Triton kernels (no fp32 copies, no SiLU(gate) temporary)."""
+                     on_gpu: bool = False) -> int:
+    """Peak bytes above the weights during the engine's profiling step on one rank of `stage`. `on_gpu`: RMSNorm and
+    SiLU-and-mul are single Triton kernels (no fp32 copies, no SiLU(gate) temporary), and the sampler sorts with
+    CUDA's larger workspace."""
     t, h, b = step.tokens, cfg.hidden_size, dtype_bytes
     hidden = t * h * b
     base = 2 * t * 8  # token ids and positions (int64)
     if not stage.is_first:
         base += 2 * hidden  # hidden states and residual received from the previous stage
-    peaks = [language_peak(cfg, tp, stage, t, b, fused)]
+    peaks = [language_peak(cfg, tp, stage, t, b, on_gpu)]
     final = hidden if stage.is_last else 2 * hidden  # the stage's output, alive until the profile ends
     if stage.is_last:
         peaks.append(final + logits_peak(cfg, tp, min(step.logits_rows, t), b))
     if stage.is_first and cfg.vision is not None and step.image_patches:
-        peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b, fused))
+        peaks.append(final + vision_peak(cfg, tp, step.image_patches, vision_split, b, on_gpu))
     if stage.is_first:  # global rank 0 samples (the first stage's other ranks are sized as it is)
-        peaks.append(final + sampler_peak(cfg.vocab_size, min(step.logits_rows, t)))
+        peaks.append(final + sampler_peak(cfg.vocab_size, min(step.logits_rows, t), on_gpu))
     return base + max(peaks)
 
 
@@ -216,10 +220,11 @@ def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:
     return max(during_gather, (gathered or local) + rows * cfg.vocab_size * 4)
 
 
-def sampler_peak(vocab: int, rows: int) -> int:
+def sampler_peak(vocab: int, rows: int, on_gpu: bool = False) -> int:
     """The logits of every seat (fp32) and the sampler's temporaries at its worst."""
     chunk = min(rows, sampler_chunk_rows(vocab))
-    copies = max(SAMPLER_FULL_COPIES * rows, (SAMPLER_FULL_COPIES - 1) * rows + SAMPLER_CHUNK_COPIES * chunk)
+    per_chunk = SAMPLER_CHUNK_COPIES_GPU if on_gpu else SAMPLER_CHUNK_COPIES
+    copies = max(SAMPLER_FULL_COPIES * rows, (SAMPLER_FULL_COPIES - 1) * rows + per_chunk * chunk)
     return copies * vocab * 4
 
 

@@ -165,7 +165,7 @@ class Planner:
         for settings in self.ladder(tp, pp):
             candidate = self.candidate(settings)
             if candidate.feasible and candidate.kv_tokens >= self.required_len:
-                return candidate
+                return self.other_vision_mode(candidate)
             tried.append(candidate)
             if not candidate.feasible and candidate.memory == []:
                 break  # a structural problem: no knob below fixes it
@@ -173,6 +173,16 @@ class Planner:
         if fitting:
             return max(fitting, key=lambda c: c.kv_tokens)
         return min(tried, key=lambda c: (not c.memory, c.overshoot))
+
+    def other_vision_mode(self, fits: Candidate) -> Candidate:
+        """The vision tower split over the TP ranks (weights) frees memory for the KV cache that a whole tower per
+        rank (data) holds: when the user left the mode open, the one with the larger KV cache."""
+        s = fits.settings
+        if "mm_encoder_tp_mode" in self.request.asked or s.tensor_parallel_size == 1 or self.cfg.vision is None:
+            return fits
+        mode = "weights" if s.mm_encoder_tp_mode == "data" else "data"
+        other = self.candidate(replace(s, mm_encoder_tp_mode=mode))
+        return other if other.feasible and other.kv_tokens > fits.kv_tokens else fits
 
     # ---- one candidate ----
     def candidate(self, s: Settings) -> Candidate:
@@ -219,7 +229,7 @@ class Planner:
         for stage, stage_cards in zip(stages(cfg, s.pipeline_parallel_size, self.partition(s.pipeline_parallel_size)),
                                       cards):
             weights = self.weights.rank_bytes(tp, stage, split, b)
-            sizes = (weights, activation_bytes(cfg, tp, stage, step, split, b, fused=on_gpu),
+            sizes = (weights, activation_bytes(cfg, tp, stage, step, split, b, on_gpu=on_gpu),
                      reserve_bytes(on_gpu, s.world, weights), kv_bytes_per_block(cfg, tp, len(stage.layers),
                                                                                  e.block_size, b))
             if on_gpu:
@@ -359,9 +369,6 @@ class Planner:
         backend = weakest and checks.attention_backend(weakest)
         if backend:
             c.notes.append(backend)
-        if cfg.quantization:
-            c.notes.append(Problem("awq_loading", "vlserve's loader does not read AWQ weights yet: this plan sizes the "
-                                   "layout, `vlserve serve` stops when it reads the quantized tensors"))
         if c.machines > 1:
             c.notes.append(Problem("network", f"the plan spans {c.machines} machines: each binds Gloo and NCCL to the "
                                    "interface that routes to the head (`vlserve cluster join` does it; check with "
@@ -391,6 +398,12 @@ def make_plan(cfg: ModelConfig, inventory: Inventory, request: Request) -> Plan:
     feasible = [c for c in layouts if c.feasible]
     if feasible:
         chosen = max(feasible, key=lambda c: rank_key(planner, c))
+        if cfg.quantization:  # sized and placed, but not servable yet
+            chosen.errors.append(Problem(
+                "awq_loading", f"this layout fits, but vlserve's loader does not read "
+                f"{str(cfg.quantization.get('quant_method', 'quantized')).upper()} weights yet: `vlserve serve` would stop at them",
+                "serve the unquantized checkpoint (e.g. Qwen/Qwen2.5-VL-72B-Instruct) for now; the layout above is "
+                "what this checkpoint will need"))
     else:  # the one closest to working: sized (no structural problem), least over its budget
         chosen = max(layouts, key=lambda c: (bool(c.memory), -c.overshoot, -c.settings.step))
         add_fixes(planner, chosen)
