@@ -363,3 +363,21 @@ def test_the_vision_tower_mode_is_searched_too(capsys):
     layouts where that wins (4x4 with weights: 203,600 tokens, against 82,816 for 4x3 with whole towers)."""
     code, report = plan(capsys, "Qwen/Qwen2.5-VL-32B-Instruct", "--cluster", "2x8xRTX2080Ti")
     assert code == 0 and report["mm_encoder_tp_mode"] == "weights" and report["kv_cache_tokens"] >= 203_600
+
+
+def test_the_memory_free_is_read_where_the_machine_tells_it(monkeypatch):
+    """MemAvailable (at most the cgroup's room); with no /proc (macOS), the machine's whole memory as before."""
+    from pathlib import Path
+
+    from vlserve.plan.inventory import available_memory_bytes, system_memory_bytes
+
+    assert 0 < available_memory_bytes() <= system_memory_bytes()
+    read = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self) == "/proc/meminfo":
+            raise FileNotFoundError(self)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    assert available_memory_bytes() == system_memory_bytes()

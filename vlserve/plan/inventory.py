@@ -80,8 +80,11 @@ def system_memory_bytes() -> int:
 def available_memory_bytes() -> int:
     """Memory a new process can take now without swapping: MemAvailable, or what the container's cgroup limit
     leaves when that is less."""
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # no /proc (macOS) or an old kernel: all of it, as before
+        return system_memory_bytes()
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         current = int(Path("/sys/fs/cgroup/memory.current").read_text())
