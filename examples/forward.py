@@ -17,6 +17,8 @@ from vlserve.media.fetch import MediaPolicy
 from vlserve.model.layers.attention import AttentionMetadata
 from vlserve.model.loader import load_model
 
+if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    sys.exit(f"usage: python {sys.argv[0]} MODEL_DIR [IMAGE_PATH]   (a checkpoint folder; `vlserve make-tiny DIR` makes one)")
 model_dir = sys.argv[1]
 image = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else Image.radial_gradient("L").convert("RGB")
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,8 @@ START_TIMEOUT_S = 90
 
 @contextlib.contextmanager
 def live_server(model, *flags: str, api_key: str | None = None):
-    """Yields (base_url, process); the process is always stopped afterwards."""
+    """Yields (base_url, process); the process is always stopped afterwards. `process.output()` is what it printed
+    so far."""
     port = free_port()
     cmd = [sys.executable, "-m", "vlserve.cli", "serve", str(model), "--port", str(port),
            "--kv-cache-memory-gib", "0.25", "--uvicorn-log-level", "warning", *flags]
@@ -29,6 +30,7 @@ def live_server(model, *flags: str, api_key: str | None = None):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
+    proc.output = lambda: (log.seek(0), log.read())[1]
     try:
         wait_healthy(base, proc, log)
         yield base, proc

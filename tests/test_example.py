@@ -17,3 +17,8 @@ def test_forward_example_runs(tiny_ckpt, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(1, 14, 22) image grid" in out.stdout
+
+
+def test_forward_example_without_arguments_prints_its_usage():
+    out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("usage: python ") and "MODEL_DIR [IMAGE_PATH]" in out.stderr

@@ -156,6 +156,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 def test_sigterm_drains_in_flight_requests(tiny_ckpt):
     with live_server(tiny_ckpt) as (base, proc):
+        assert f"OpenAI API at {base}/v1, chat page at {base}/ui" in proc.output()  # where to go, said at start
         body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 40, "stream": True,
                 "ignore_eos": True}
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
@@ -207,3 +208,16 @@ def test_killed_worker_fails_requests_and_the_server_exits(tiny_ckpt):
             rest = list(lines)
         assert any('"code":503' in line for line in rest) and time.monotonic() - start < 10
         assert proc.wait(timeout=15) == 1
+
+
+@pytest.mark.parametrize("url, says", [
+    ("http://127.0.0.1:8000", "does not end in /v1, where OpenAI-compatible servers (vlserve, vLLM) serve the API: "
+                              "try --api-base http://127.0.0.1:8000/v1"),
+    ("127.0.0.1:8000/v1", "is not an http(s) URL; e.g. http://127.0.0.1:8000/v1"),
+])
+def test_the_chat_page_wants_the_api_root(capsys, url, says):
+    """`vlserve ui --api-base` with a server's root (the usual slip) stops at once with the URL to use."""
+    from vlserve.cli import main
+
+    assert main(["ui", "--api-base", url]) == 2
+    assert says in capsys.readouterr().err

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlserve.errors import VLServeError
+from vlserve.errors import ConfigError, VLServeError
 
 
 def add_make_tiny(sub) -> None:
@@ -170,7 +170,20 @@ def run_ui(args) -> None:
     from vlserve.ui import run_ui as serve_page
 
     api_key = args.api_key or os.environ.get("VLSERVE_API_KEY")
-    serve_page(args.api_base, api_key, host=args.host, port=args.port, model=args.model)
+    serve_page(check_api_base(args.api_base), api_key, host=args.host, port=args.port, model=args.model)
+
+
+def check_api_base(url: str) -> str:
+    """The OpenAI API lives under /v1: a server's root (the usual slip) is refused with the URL to use."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"--api-base {url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000/v1")
+    if not parsed.path.rstrip("/").endswith("/v1"):
+        raise ConfigError(f"--api-base {url} does not end in /v1, where OpenAI-compatible servers (vlserve, vLLM) "
+                          f"serve the API: try --api-base {url.rstrip('/')}/v1")
+    return url
 
 
 def add_cluster(sub) -> None:

@@ -80,11 +80,12 @@ def run_serve(args: argparse.Namespace) -> int:
     state = ServerState(engine, name, args.api_key, config.max_num_seqs + args.max_queued_requests,
                         args.max_request_body_mib)
     app = build_app(state)
+    local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
+    root = f"http://{'127.0.0.1' if local else args.host}:{args.port}"
     if not args.disable_ui:
         from vlserve.ui.app import mount_ui
-        local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
-        own_url = f"http://{'127.0.0.1' if local else args.host}:{args.port}/v1"
-        mount_ui(app, api_base=own_url, api_key=args.api_key, model=name)
+        mount_ui(app, api_base=f"{root}/v1", api_key=args.api_key, model=name)
+    log.info("serving %r: OpenAI API at %s/v1%s", name, root, "" if args.disable_ui else f", chat page at {root}/ui")
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=FLUSH_S,
                                            http=protocol_class(args.header_timeout)))

@@ -21,4 +21,6 @@ def mount_ui(fastapi_app, api_base: str, api_key: str | None, model: str | None 
 
 def run_ui(api_base: str, api_key: str | None, host: str = "127.0.0.1", port: int = 7860,
            model: str | None = None) -> None:
-    build_chat_page(api_base, api_key, model).launch(server_name=host, server_port=port, show_error=True)
+    """Gradio's own lines (and its `share=True` hint: a public tunnel is not how vlserve is reached) stay quiet."""
+    print(f"chat page on http://{host}:{port}/ against {api_base}", flush=True)
+    build_chat_page(api_base, api_key, model).launch(server_name=host, server_port=port, show_error=True, quiet=True)
