@@ -23,7 +23,8 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--fullatt-blocks", default="1,3", help="comma-separated indexes of full-attention vision blocks")
     p.add_argument("--text-only", action="store_true", help="a plain Qwen2ForCausalLM checkpoint")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors files (with an index when > 1)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of the weights written")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the weights written")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_make_tiny)
 

@@ -80,8 +80,13 @@ class StageMemory:
     kv_cache: int = 0
 
     @property
+    def model(self) -> int:
+        """Everything but the KV cache."""
+        return self.weights + self.activation + self.reserve
+
+    @property
     def total(self) -> int:
-        return self.weights + self.activation + self.reserve + self.kv_cache
+        return self.model + self.kv_cache
 
 
 @dataclass
@@ -260,8 +265,8 @@ class Planner:
         if e.kv_cache_memory_gib is not None:
             return max(1, int(e.kv_cache_memory_gib * GIB) // per_block)
         ranks = s.tensor_parallel_size
-        free = rows[0].capacity * CPU_MEMORY_SHARE - ranks * sum(r.weights + r.activation + r.reserve for r in rows)
-        fits = int(free // (ranks * sum(r.kv_per_block for r in rows)))
+        budget, model = cpu_budget(rows, ranks)
+        fits = int((budget - model) // (ranks * sum(r.kv_per_block for r in rows)))
         return max(1, min(s.max_num_seqs * -(-self.target_len // e.block_size), fits))
 
     def check_memory(self, c: Candidate, on_gpu: bool) -> None:
@@ -271,7 +276,7 @@ class Planner:
             return
         override = e.num_gpu_blocks_override is not None
         budgets = [r.capacity if override else r.capacity * utilization for r in c.memory]
-        needs = [r.weights + r.activation + r.reserve + (r.kv_cache if override else r.kv_per_block) for r in c.memory]
+        needs = [r.model + (r.kv_cache if override else r.kv_per_block) for r in c.memory]
         worst = max(range(len(needs)), key=lambda i: needs[i] - budgets[i])
         r, c.overshoot = c.memory[worst], needs[worst] - budgets[worst]
         if c.overshoot > 0:
@@ -293,8 +298,7 @@ class Planner:
     def check_cpu_memory(self, c: Candidate) -> None:
         """All ranks share this machine's free memory, of which the engine may take CPU_MEMORY_SHARE."""
         ranks, free = c.settings.tensor_parallel_size, c.memory[0].capacity
-        budget = free * CPU_MEMORY_SHARE
-        model = ranks * sum(r.weights + r.activation + r.reserve for r in c.memory)
+        budget, model = cpu_budget(c.memory, ranks)
         kv = ranks * sum(r.kv_cache for r in c.memory)
         c.overshoot = model + kv - budget
         if c.overshoot <= 0:
@@ -354,7 +358,7 @@ class Planner:
                 "--kv-cache-memory-gib"
             value = blocks if flag.endswith("override") else math.ceil(blocks * c.memory[0].kv_per_block / GIB * 100) / 100
             return f"{fits}; {flag} {value} would hold {asked}"
-        need = max((r.weights + r.activation + r.reserve + blocks * r.kv_per_block) / r.capacity for r in c.memory)
+        need = max((r.model + blocks * r.kv_per_block) / r.capacity for r in c.memory)
         utilization = math.ceil(need * 100) / 100
         if utilization > 1:
             return f"{fits}; no --gpu-memory-utilization holds {asked} on these cards: use more GPUs"
@@ -380,6 +384,12 @@ class Planner:
                                    "lower max_pixels with --mm-processor-kwargs"))
 
 
+def cpu_budget(rows: list[StageMemory], ranks: int) -> tuple[float, int]:
+    """On a CPU plan (every rank on one machine): what the engine may take of the memory free, and what the ranks'
+    weights, activations and reserves take of it."""
+    return rows[0].capacity * CPU_MEMORY_SHARE, ranks * sum(r.model for r in rows)
+
+
 def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -401,7 +411,8 @@ def make_plan(cfg: ModelConfig, inventory: Inventory, request: Request) -> Plan:
         if cfg.quantization:  # sized and placed, but not servable yet
             chosen.errors.append(Problem(
                 "awq_loading", f"this layout fits, but vlserve's loader does not read "
-                f"{str(cfg.quantization.get('quant_method', 'quantized')).upper()} weights yet: `vlserve serve` would stop at them",
+                f"{str(cfg.quantization.get('quant_method', 'quantized')).upper()} weights yet: `vlserve serve` "
+                "would stop at them",
                 "serve the unquantized checkpoint (e.g. Qwen/Qwen2.5-VL-72B-Instruct) for now; the layout above is "
                 "what this checkpoint will need"))
     else:  # the one closest to working: sized (no structural problem), least over its budget
