@@ -26,7 +26,7 @@ from vlserve.plan.cards import Card
 from vlserve.plan.inventory import Inventory, Node
 from vlserve.plan.layouts import layout_config
 from vlserve.plan.memory import Step, Weights, activation_bytes, image_patches, kv_bytes_per_block, sampler_peak, stages
-from vlserve.plan.planner import Request, make_plan
+from vlserve.plan.planner import make_plan
 
 # (label, --max-num-batched-tokens, max_pixels, vision tower on)
 SETTINGS = [
@@ -81,9 +81,9 @@ def main() -> None:
         free, total = torch.cuda.mem_get_info(device)
         patches = image_patches(max_pixels, cfg.vision) if vision else 0
         predicted = activation_bytes(cfg, 1, stage, Step(tokens, 256, patches), False, 2, on_gpu=True)
-        planned = make_plan(cfg, Inventory((Node("gpu", (card,)),), "this GPU"), Request(
-            EngineConfig(model=cfg.path, dtype="bfloat16", max_num_batched_tokens=tokens,
-                         media=media))).chosen if vision else None
+        planned = make_plan(cfg, Inventory((Node("gpu", (card,)),), "this GPU"),
+                            EngineConfig(model=cfg.path, dtype="bfloat16", max_num_batched_tokens=tokens,
+                                         media=media)).chosen if vision else None
         result["profiles"].append({
             "setting": label, "tokens": tokens, "image_patches": patches, "activation_measured": measured,
             "activation_planned": predicted, "error": predicted / measured - 1,

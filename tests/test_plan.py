@@ -2,6 +2,7 @@
 through the real command line; exit code 0 when feasible, 2 when not; and `serve` refusing before it loads."""
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -11,7 +12,8 @@ import sys
 import pytest
 
 from vlserve import LLM
-from vlserve.cli import main
+from vlserve.args import engine_config
+from vlserve.cli import build_parser, main
 from vlserve.plan.inventory import driver_cards
 from vlserve.plan.layouts import layout_config
 
@@ -309,11 +311,11 @@ def cpu_plan(model: str, free_gib: float, **engine):
     """A plan for a CPU machine with `free_gib` of memory free (this machine's varies with the load)."""
     from vlserve.config import EngineConfig, ModelConfig
     from vlserve.plan.inventory import Inventory, Node
-    from vlserve.plan.planner import Request, make_plan
+    from vlserve.plan.planner import make_plan
 
     config = EngineConfig(model=model, device="cpu", **engine)
     return make_plan(ModelConfig.from_dir(model), Inventory((Node("cpu", (), int(free_gib * 2**30)),), "test"),
-                     Request(config))
+                     config)
 
 
 def test_the_cpu_kv_cache_is_what_the_sequences_need(tiny_ckpt):
@@ -381,3 +383,50 @@ def test_the_memory_free_is_read_where_the_machine_tells_it(monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", no_proc)
     assert available_memory_bytes() == system_memory_bytes()
+
+
+def test_every_value_the_plan_changed_is_listed(capsys, layouts):
+    """72B on four A100s: the chosen 1 x 3 changes nothing; 1 x 2 fits only with knobs lowered and says which; the
+    1 x 1 line names the 0.95 it was refused at, and how far the plan went."""
+    code, report = plan(capsys, layouts["72b"], "--cluster", "1x4xA100-80GB")
+    assert code == 0 and report["changed"] == [] and report["gpu_memory_utilization"] == 0.9
+    pairs = {(x["tensor_parallel_size"], x["pipeline_parallel_size"]): x for x in report["layouts"]}
+    lowered = {c["knob"]: (c["configured"], c["planned"]) for c in pairs[(1, 2)]["changed"]}
+    assert lowered["gpu_memory_utilization"] == (0.9, 0.95) and lowered["max_num_batched_tokens"][0] == 8192
+    main(["plan", layouts["72b"], "--cluster", "1x4xA100-80GB"])
+    text = capsys.readouterr().out
+    refused = next(line for line in text.splitlines() if line.startswith("  1 x 1:"))
+    assert "--gpu-memory-utilization 0.95 allows" in refused and "(even with " in refused
+    assert "--gpu-memory-utilization 0.95 (not 0.9)" in refused and "--max-num-seqs 32 (not 256)" in refused
+    assert "set by the plan" not in text  # the chosen layout as configured
+    code, report = plan(capsys, layouts["72b"], "--cluster", "1x2xA100-80GB", "-tp", "1")
+    assert code == 0 and {c["knob"] for c in report["changed"]} >= {"gpu_memory_utilization"}
+    main(["plan", layouts["72b"], "--cluster", "1x2xA100-80GB", "-tp", "1"])
+    assert "set by the plan (flags not given): " in capsys.readouterr().out
+    assert report["command"].count("--gpu-memory-utilization 0.95") == 1
+
+
+def test_flags_given_are_only_checked(capsys, layouts):
+    code, report = plan(capsys, layouts["72b"], "--cluster", "1x2xA100-80GB", "-tp", "1", "-pp", "2",
+                        "--gpu-memory-utilization", "0.9", "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+                        "--mm-processor-kwargs", '{"max_pixels": 12845056}')
+    assert report["changed"] == [] and report["max_num_seqs"] == 256 and report["gpu_memory_utilization"] == 0.9
+
+
+def test_serve_uses_the_values_the_plan_changed(capsys, caplog, tiny_ckpt, monkeypatch):
+    """On a machine whose free memory holds the tiny model only with --max-num-batched-tokens and max_pixels
+    lowered, `serve` without those flags lowers them as `plan` does, says so, and gets the plan's KV cache."""
+    monkeypatch.setattr("vlserve.plan.inventory.available_memory_bytes", lambda: int(1.8 * 2**30))
+    flags = [str(tiny_ckpt), "--device", "cpu", "--max-model-len", "1024"]
+    code, report = plan(capsys, *flags)
+    changed = {c["knob"]: c["planned"] for c in report["changed"]}
+    assert code == 0 and changed == {"max_num_batched_tokens": 4096, "max_pixels": 4096 * 28 * 28}
+    args = build_parser().parse_args(["serve", *flags])
+    with caplog.at_level(logging.WARNING, "vlserve.plan"):
+        llm = LLM.from_config(engine_config(args, args.model), progress=False)
+    assert "--max-num-batched-tokens 4096 (not 8192)" in caplog.text
+    config = llm.core.config
+    assert (config.max_num_batched_tokens, config.media.max_pixels, config.tunable) == (4096, 4096 * 28 * 28, set())
+    assert llm.inputs.config.media.max_pixels == 4096 * 28 * 28  # the input processor refuses larger images
+    assert llm.core.block_manager.num_blocks * 16 == report["kv_cache_tokens"]
+    llm.shutdown()

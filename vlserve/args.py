@@ -3,13 +3,17 @@
 import argparse
 import json
 
-from vlserve.config import EXECUTOR_BACKENDS, LOAD_FORMATS, VISION_TP_MODES, EngineConfig
+from vlserve.config import EXECUTOR_BACKENDS, LOAD_FORMATS, TUNABLE, VISION_TP_MODES, EngineConfig
 from vlserve.errors import ConfigError, MediaError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
 
 
+FITS = "; unset, vlserve lowers it if the model would not fit otherwise, as `vlserve plan` shows"
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The knobs of config.TUNABLE default to None here: unset, engine_config makes them tunable."""
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32 (auto: bf16 on compute "
                    "capability >= 8.0, fp16 below, fp32 on CPU)")
@@ -19,8 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: read the checkpoint's safetensors; dummy: random weights made on the device, only "
                    "config.json and the tokenizer files read (benchmarks)")
     g.add_argument("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
-    g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 8192)")
+    g.add_argument("--max-num-seqs", type=int, help=f"sequences per step (default {EngineConfig.max_num_seqs}{FITS})")
+    g.add_argument("--max-num-batched-tokens", type=int, help=f"tokens per step (default 8192{FITS})")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts over steps of --max-num-batched-tokens")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a multiple of 16)")
@@ -29,8 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gib", type=float,
                    help="CPU: memory for the KV cache (default: what --max-num-seqs sequences of --max-model-len "
                         "tokens need, at most what the memory free after the weights allows)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="GPU: fraction of the card's memory vlserve may use")
+    g.add_argument("--gpu-memory-utilization", type=float, help="GPU: fraction of the card's memory vlserve may "
+                   f"use (default {EngineConfig.gpu_memory_utilization}; unset, vlserve may raise it to 0.95 if the "
+                   "model would not fit otherwise, as `vlserve plan` shows)")
     g.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks to allocate, skipping memory profiling")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run every decode step eagerly (saves capture time and a little memory)")
@@ -45,13 +50,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="local: one process; mp: one spawned process per rank on this machine; ray: Ray actors "
                    "across the machines of a `vlserve cluster` (default: local for one rank, ray when the ranks "
                    "outnumber this machine's GPUs, else mp)")
-    g.add_argument("--mm-encoder-tp-mode", choices=VISION_TP_MODES, default="data",
+    g.add_argument("--mm-encoder-tp-mode", choices=VISION_TP_MODES,
                    help="vision tower under tensor parallel: data (whole on every rank, images spread over ranks) "
-                   "or weights (its heads and MLP split over the ranks)")
+                   f"or weights (its heads and MLP split over the ranks) (default {EngineConfig.mm_encoder_tp_mode}; "
+                   "unset, vlserve takes the one that leaves the larger KV cache, as `vlserve plan` shows)")
     g.add_argument("--vision-cache-mib", type=int, default=512, help="encoded images kept for reuse across turns")
     g.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4, "video": 1}\'')
     g.add_argument("--mm-processor-kwargs", default=None,
-                   help='JSON preprocessing defaults, e.g. \'{"max_pixels": 1003520, "fps": 1}\'')
+                   help='JSON preprocessing defaults, e.g. \'{"max_pixels": 1003520, "fps": 1}\' (max_pixels '
+                   f'unset: {MediaOptions.max_pixels}{FITS})')
     g.add_argument("--allowed-local-media-path", default=None, help="folder whose files requests may name")
     g.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts media URLs may come from")
 
@@ -85,22 +92,22 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
             raise ConfigError(f"--limit-mm-per-prompt: {key!r}: {count!r}; keys are image and video, values "
                               "non-negative integers")
     defaults = dict(EngineConfig.limit_mm_per_prompt)
+    media_kwargs = json_flag("--mm-processor-kwargs", args.mm_processor_kwargs)
     try:
-        media = MediaOptions().updated(json_flag("--mm-processor-kwargs", args.mm_processor_kwargs))
+        media = MediaOptions().updated(media_kwargs)
     except MediaError as e:
         raise ConfigError(f"--mm-processor-kwargs: {e}") from e
+    given = {knob: getattr(args, knob) for knob in TUNABLE - {"max_pixels"} if getattr(args, knob) is not None}
+    unset = TUNABLE - set(given) - set(media_kwargs)  # max_pixels is set in --mm-processor-kwargs
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization, num_gpu_blocks_override=args.num_gpu_blocks_override,
-        vision_cache_mib=args.vision_cache_mib, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, vision_cache_mib=args.vision_cache_mib,
         distributed_executor_backend=args.distributed_executor_backend, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition, "layer counts", "10,10,8"),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
-        load_format=args.load_format,
+        load_format=args.load_format, tunable=unset, **given,
     )

@@ -235,31 +235,22 @@ def add_plan(sub) -> None:
                    "(default: this machine)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_engine_args(p)
-    # Unset means "choose for me": the planner tunes these; what the user sets, it only checks.
-    p.set_defaults(func=run_plan, tensor_parallel_size=None, pipeline_parallel_size=None, mm_encoder_tp_mode=None,
-                   gpu_memory_utilization=None, max_num_seqs=None)
+    # Unset, the layout is the plan's to choose too (serve's is TP 1 x PP 1); what the user sets, it only checks.
+    p.set_defaults(func=run_plan, tensor_parallel_size=None, pipeline_parallel_size=None)
 
 
 def run_plan(args) -> int:
     import json
 
-    from vlserve.args import engine_config, json_flag
-    from vlserve.config import EngineConfig
+    from vlserve.args import engine_config
     from vlserve.plan.inventory import inventory
     from vlserve.plan.layouts import load_model_config
-    from vlserve.plan.planner import TUNABLE, Request, make_plan
+    from vlserve.plan.planner import make_plan
     from vlserve.plan.report import to_json, to_text
 
-    asked = {knob for knob in TUNABLE if getattr(args, knob, None) is not None}
-    if "max_pixels" in json_flag("--mm-processor-kwargs", args.mm_processor_kwargs):
-        asked.add("max_pixels")
-    for knob in ("tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode", "gpu_memory_utilization",
-                 "max_num_seqs"):
-        if getattr(args, knob) is None:
-            setattr(args, knob, getattr(EngineConfig, knob))
     cfg = load_model_config(args.model)
     hardware = inventory(args.cluster, cpu=args.device == "cpu")
-    plan = make_plan(cfg, hardware, Request(engine_config(args, args.model), frozenset(asked)))
+    plan = make_plan(cfg, hardware, engine_config(args, args.model))
     print(json.dumps(to_json(plan), indent=2) if args.json else to_text(plan))
     return 0 if plan.feasible else 2
 

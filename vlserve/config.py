@@ -68,6 +68,7 @@ class ModelConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     quantization: dict | None = None
+    random_weights: bool = False  # written by `vlserve make-tiny` (RANDOM_WEIGHTS_KEY): its answers are noise
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +92,9 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{file} must hold a JSON object")
         return parse_config(raw, str(path), file)
+
+
+RANDOM_WEIGHTS_KEY = "vlserve_random_weights"  # in config.json: a checkpoint of random weights (make-tiny's)
 
 
 def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
@@ -126,6 +130,7 @@ def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
         vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
         vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
         quantization=raw.get("quantization_config"),
+        random_weights=raw.get(RANDOM_WEIGHTS_KEY) is True,
     )
     _check(cfg, file)
     return cfg
@@ -267,6 +272,12 @@ def resolve_model_path(model: str) -> str:
     return os.path.abspath(expanded) if os.path.exists(expanded) else model
 
 
+# Knobs `vlserve plan` chooses and the engine may tighten, one step at a time, when the model would not fit
+# otherwise (plan/planner.py's ladder); only those the user left unset (EngineConfig.tunable).
+TUNABLE = frozenset({"tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode",
+                     "max_num_batched_tokens", "max_pixels", "gpu_memory_utilization", "max_num_seqs"})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, built once from flags or `LLM(...)` arguments and passed down unchanged."""
@@ -298,6 +309,9 @@ class EngineConfig:
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (only config + tokenizer read)
+    # Of TUNABLE, the knobs the user left unset (flags not given): the planner may tighten them to fit before
+    # anything loads (plan/preflight.py: settle). Empty (LLM(...)'s default): every value is used as given.
+    tunable: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "model", resolve_model_path(self.model))  # every node and /v1/models see one path
@@ -335,6 +349,9 @@ class EngineConfig:
                               "or dummy (random weights; only config.json and the tokenizer files are read)")
         if self.block_size <= 0 or self.block_size % 16:
             raise ConfigError(f"--block-size {self.block_size} must be a positive multiple of 16")
+        if not set(self.tunable) <= TUNABLE:
+            raise ConfigError(f"tunable knobs {sorted(set(self.tunable) - TUNABLE)} are not among "
+                              f"{', '.join(sorted(TUNABLE))}")
 
     @property
     def world_size(self) -> int:

@@ -23,6 +23,7 @@ from vlserve.inputs import InputProcessor
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
 from vlserve.media.template import load_tokenizer
+from vlserve.plan.preflight import settle
 
 
 class LLM:
@@ -43,6 +44,7 @@ class LLM:
         return llm
 
     def start(self, config: EngineConfig, progress: bool) -> None:
+        config = settle(config)  # knobs left unset, as the plan has them
         self.tokenizer = load_tokenizer(config.model)
         self.core = EngineCore(config, progress=progress)
         self.release = weakref.finalize(self, self.core.shutdown)  # on shutdown(), garbage collection or exit

@@ -43,7 +43,8 @@ def run_offline(config: EngineConfig, workload: Workload, json_path: str | None 
     if json_path:
         write_json(json_path, summary, {
             "model": config.model, "device": str(core.device), "dtype": dtype, "num_kv_blocks": bm.num_blocks,
-            "max_model_len": core.max_model_len, "workload": asdict(workload), "engine": asdict(config)})
+            "max_model_len": core.max_model_len, "workload": asdict(workload),
+            "engine": {**asdict(core.config), "tunable": sorted(config.tunable)}})  # as run, and what it settled
     return summary
 
 

@@ -27,13 +27,14 @@ from vlserve.engine.request import EngineRequest
 from vlserve.errors import EngineDeadError, InvalidRequestError
 from vlserve.inputs import InputProcessor
 from vlserve.media.template import load_tokenizer
+from vlserve.plan.preflight import settle
 
 log = logging.getLogger("vlserve.engine")
 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, progress: bool = True, input_workers: int | None = None):
-        self.config = config
+        self.config = config = settle(config)  # knobs left unset, as the plan has them
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = load_tokenizer(config.model)
         self.core = CoreClient(config, progress)

@@ -1,15 +1,17 @@
 """The plan: every (TP, PP) layout the hardware allows, each checked and sized; the best one chosen, and for a
 deployment that cannot work, each problem with the change that fixes it.
 
-Knobs the user did not set (the layout, the vision tower's tensor-parallel mode, --max-num-batched-tokens,
-max_pixels) are tightened one step at a time until the model fits with a useful context; what the user set is
-only checked. `vlserve serve` runs the same plan with every knob fixed (preflight.py).
+Knobs the user did not set (EngineConfig.tunable: the layout, the vision tower's tensor-parallel mode,
+--max-num-batched-tokens, max_pixels, --gpu-memory-utilization, --max-num-seqs) are tightened one step at a time
+until the model fits with a useful context; what the user set is only checked. Each candidate lists the values it
+changed. The engine runs the same plan before loading (preflight.py): it adopts the changed values of the knobs
+`vlserve serve` was not given (its layout always as given), then checks the result.
 """
 
 import math
 from dataclasses import dataclass, field, replace
 
-from vlserve.config import EngineConfig, ModelConfig, choose_dtype
+from vlserve.config import TUNABLE, EngineConfig, ModelConfig, choose_dtype
 from vlserve.plan import checks
 from vlserve.plan.cards import Card
 from vlserve.plan.checks import Problem
@@ -27,8 +29,6 @@ from vlserve.plan.memory import (
     stages,
 )
 
-TUNABLE = frozenset({"tensor_parallel_size", "pipeline_parallel_size", "mm_encoder_tp_mode",
-                     "max_num_batched_tokens", "max_pixels", "gpu_memory_utilization", "max_num_seqs"})
 MIN_CONTEXT = 8192  # without --max-model-len, a plan should hold at least this much of one conversation
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 PIXELS_PER_TOKEN = 28 * 28
@@ -38,16 +38,9 @@ LADDER = (("mm_encoder_tp_mode", "weights"), ("max_num_batched_tokens", 4096), (
           ("max_num_batched_tokens", 2048), ("gpu_memory_utilization", 0.95), ("max_num_seqs", 128),
           ("max_pixels", 1024 * PIXELS_PER_TOKEN), ("max_num_seqs", 64), ("max_num_batched_tokens", 1024),
           ("max_pixels", 256 * PIXELS_PER_TOKEN), ("max_num_seqs", 32))
+KNOB_ORDER = ("mm_encoder_tp_mode", "max_num_batched_tokens", "max_pixels", "gpu_memory_utilization", "max_num_seqs")
 LARGEST_SEARCH = 64  # GPUs tried when looking for the smallest count that fits
 CPU_MEMORY_SHARE = 0.9  # of the memory free, what a CPU engine may take (the rest: the server, the OS)
-
-
-@dataclass(frozen=True)
-class Request:
-    """What the user asked for: the engine's configuration, and which of the tunable knobs they set."""
-
-    engine: EngineConfig
-    asked: frozenset[str] = TUNABLE
 
 
 @dataclass(frozen=True)
@@ -64,6 +57,11 @@ class Settings:
     @property
     def world(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def changes(self, base: "Settings") -> tuple[tuple[str, object, object], ...]:
+        """(knob, configured value, this value) of each knob, but the layout, that differs from `base`."""
+        return tuple((k, getattr(base, k), getattr(self, k)) for k in KNOB_ORDER if getattr(base, k) != getattr(self, k))
+
 
 
 @dataclass
@@ -102,6 +100,7 @@ class Candidate:
     max_model_len: int = 0
     machines: int = 1
     overshoot: float = 0.0  # bytes over the budget on the tightest rank (when it does not fit)
+    changes: tuple[tuple[str, object, object], ...] = ()  # (knob, configured, planned) of each knob it changed
 
     @property
     def feasible(self) -> bool:
@@ -112,7 +111,7 @@ class Candidate:
 class Plan:
     cfg: ModelConfig
     inventory: Inventory
-    request: Request
+    engine: EngineConfig  # as configured; the chosen candidate's changes say what the plan changed
     chosen: Candidate
     layouts: list[Candidate]  # the best candidate of every (TP, PP) pair considered
 
@@ -122,9 +121,9 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, cfg: ModelConfig, inventory: Inventory, request: Request):
-        self.cfg, self.inventory, self.request = cfg, inventory, request
-        self.engine = request.engine
+    def __init__(self, cfg: ModelConfig, inventory: Inventory, engine: EngineConfig):
+        self.cfg, self.inventory, self.engine = cfg, inventory, engine
+        self.fixed = TUNABLE - engine.tunable  # knobs the user set: only checked
         self.weights = Weights(cfg)
         asked_len = self.engine.max_model_len
         self.target_len = asked_len or cfg.max_position_embeddings
@@ -132,7 +131,7 @@ class Planner:
 
     # ---- layouts ----
     def layouts(self) -> list[tuple[int, int]]:
-        asked, e = self.request.asked, self.engine
+        asked, e = self.fixed, self.engine
         gpus = 1 if self.inventory.is_cpu else self.inventory.num_gpus
         tps = [e.tensor_parallel_size] if "tensor_parallel_size" in asked else range(1, gpus + 1)
         pairs = []
@@ -141,11 +140,16 @@ class Planner:
             pairs += [(tp, pp) for pp in pps]
         return pairs
 
-    def ladder(self, tp: int, pp: int) -> list[Settings]:
-        e, asked = self.engine, self.request.asked
+    def configured(self, tp: int, pp: int) -> Settings:
+        """The knobs as the engine's configuration has them, on this layout."""
+        e = self.engine
         model_len = e.max_model_len or self.cfg.max_position_embeddings
-        settings = [Settings(tp, pp, e.mm_encoder_tp_mode, e.batched_tokens(model_len), e.media.max_pixels,
-                             e.gpu_memory_utilization, e.max_num_seqs)]
+        return Settings(tp, pp, e.mm_encoder_tp_mode, e.batched_tokens(model_len), e.media.max_pixels,
+                        e.gpu_memory_utilization, e.max_num_seqs)
+
+    def ladder(self, tp: int, pp: int) -> list[Settings]:
+        e, asked = self.engine, self.fixed
+        settings = [self.configured(tp, pp)]
         for knob, value in LADDER:
             current = getattr(settings[-1], knob)
             if knob in asked or value == current:
@@ -183,7 +187,7 @@ class Planner:
         """The vision tower split over the TP ranks (weights) frees memory for the KV cache that a whole tower per
         rank (data) holds: when the user left the mode open, the one with the larger KV cache."""
         s = fits.settings
-        if "mm_encoder_tp_mode" in self.request.asked or s.tensor_parallel_size == 1 or self.cfg.vision is None:
+        if "mm_encoder_tp_mode" in self.fixed or s.tensor_parallel_size == 1 or self.cfg.vision is None:
             return fits
         mode = "weights" if s.mm_encoder_tp_mode == "data" else "data"
         other = self.candidate(replace(s, mm_encoder_tp_mode=mode))
@@ -191,7 +195,7 @@ class Planner:
 
     # ---- one candidate ----
     def candidate(self, s: Settings) -> Candidate:
-        c = Candidate(s)
+        c = Candidate(s, changes=s.changes(self.configured(s.tensor_parallel_size, s.pipeline_parallel_size)))
         cfg, tp, pp = self.cfg, s.tensor_parallel_size, s.pipeline_parallel_size
         partition = self.partition(pp)
         placed, where = checks.placement(self.inventory, tp, pp)
@@ -318,8 +322,7 @@ class Planner:
     def cpu_model_fix(self, c: Candidate) -> str:
         """A smaller dtype when one fits this machine, else more memory."""
         if c.dtype == "float32":
-            halved = Planner(self.cfg, self.inventory, Request(replace(self.engine, dtype="bfloat16"),
-                                                               self.request.asked))
+            halved = Planner(self.cfg, self.inventory, replace(self.engine, dtype="bfloat16"))
             fits = halved.best_for(c.settings.tensor_parallel_size, c.settings.pipeline_parallel_size)
             if fits.feasible:
                 return f"--dtype bfloat16 halves the weights and fits (KV cache {fits.kv_tokens:,} tokens)"
@@ -402,8 +405,9 @@ def rank_key(planner: Planner, c: Candidate) -> tuple:
             -c.settings.step, -c.settings.pipeline_parallel_size, c.kv_tokens)
 
 
-def make_plan(cfg: ModelConfig, inventory: Inventory, request: Request) -> Plan:
-    planner = Planner(cfg, inventory, request)
+def make_plan(cfg: ModelConfig, inventory: Inventory, engine: EngineConfig) -> Plan:
+    """The plan for `engine` on `inventory`: engine.tunable says which knobs it may change."""
+    planner = Planner(cfg, inventory, engine)
     layouts = [planner.best_for(tp, pp) for tp, pp in planner.layouts()]
     feasible = [c for c in layouts if c.feasible]
     if feasible:
@@ -418,7 +422,7 @@ def make_plan(cfg: ModelConfig, inventory: Inventory, request: Request) -> Plan:
     else:  # the one closest to working: sized (no structural problem), least over its budget
         chosen = max(layouts, key=lambda c: (bool(c.memory), -c.overshoot, -c.settings.step))
         add_fixes(planner, chosen)
-    return Plan(cfg, inventory, request, chosen, layouts)
+    return Plan(cfg, inventory, engine, chosen, layouts)
 
 
 STRUCTURAL = ("tp_heads", "awq_group_alignment", "vision_tp", "gpus")
@@ -440,8 +444,7 @@ def add_fixes(planner: Planner, chosen: Candidate) -> None:
 def alternative(planner: Planner, world: int) -> str:
     """A layout that works on these machines: on the same number of GPUs if one does (pipeline stages instead of
     tensor-parallel ranks), else on any; else the hardware that would hold the model."""
-    free = Planner(planner.cfg, planner.inventory,
-                   Request(planner.engine, planner.request.asked - {"tensor_parallel_size", "pipeline_parallel_size"}))
+    free = Planner(planner.cfg, planner.inventory, with_open_layout(planner.engine))
     free.weights = planner.weights
     same = [free.best_for(tp, world // tp) for tp in range(1, world + 1) if world % tp == 0]
     fits = [c for c in same if c.feasible] or [c for c in (free.best_for(*x) for x in free.layouts()) if c.feasible]
@@ -449,6 +452,11 @@ def alternative(planner: Planner, world: int) -> str:
         return smallest_hardware(planner)
     best = max(fits, key=lambda c: rank_key(free, c))
     return f"{layout_flags(best)} works here (KV cache {best.kv_tokens:,} tokens)"
+
+
+def with_open_layout(engine: EngineConfig) -> EngineConfig:
+    """The same engine on any layout: what-if plans for other GPU counts."""
+    return replace(engine, tunable=engine.tunable | {"tensor_parallel_size", "pipeline_parallel_size"})
 
 
 def layout_flags(c: Candidate) -> str:
@@ -460,12 +468,10 @@ def smallest_hardware(planner: Planner) -> str:
     """The fewest cards like this inventory's smallest that would hold the model, in machines of its size."""
     card = min((g for node in planner.inventory.nodes for g in node.gpus), key=lambda g: g.memory_bytes)
     per_node = max(max(len(node.gpus) for node in planner.inventory.nodes), 8)
-    asked = planner.request.asked - {"tensor_parallel_size", "pipeline_parallel_size"}
     for count in range(1, LARGEST_SEARCH + 1):
         nodes = tuple(Node(f"node{i}", (card,) * min(per_node, count - i * per_node))
                       for i in range(-(-count // per_node)))
-        what_if = Planner(planner.cfg, Inventory(nodes, f"{count} x {card.name}"),
-                          Request(planner.request.engine, asked))
+        what_if = Planner(planner.cfg, Inventory(nodes, f"{count} x {card.name}"), with_open_layout(planner.engine))
         what_if.weights = planner.weights  # same model: reuse the sized tensors
         fits = [c for c in (what_if.best_for(tp, count // tp) for tp in range(1, min(count, per_node) + 1)
                             if count % tp == 0) if c.feasible and c.kv_tokens >= planner.required_len]

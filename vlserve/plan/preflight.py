@@ -1,7 +1,9 @@
-"""The planner's checks on the live hardware, run by the engine before it reads any weights (`vlserve serve`,
-`LLM(...)`): the same plan as `vlserve plan`, with every knob as configured, plus torch's arch list per card."""
+"""The planner on the live hardware, run before the engine reads any weights (`vlserve serve`, `LLM(...)`):
+`settle` gives the knobs the user left unset the values `vlserve plan` would (so both agree), and
+`check_before_loading` checks the settled configuration, plus torch's arch list per card."""
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -9,16 +11,34 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.errors import ClusterError, PlanError
 from vlserve.plan.checks import kernel_image
 from vlserve.plan.inventory import Inventory, Node, cpu_inventory, ray_inventory, this_node
-from vlserve.plan.planner import Plan, Request, make_plan
+from vlserve.plan.planner import Plan, make_plan
+from vlserve.plan.report import flag_name
 
 log = logging.getLogger("vlserve.plan")
+
+
+def settle(config: EngineConfig) -> EngineConfig:
+    """`config` with its tunable knobs at the plan's values, logged where they differ; then nothing is tunable.
+    The layout stays as configured. A plan that cannot work changes nothing: check_before_loading says why."""
+    if not config.tunable:
+        return config
+    fixed = replace(config, tunable=config.tunable - {"tensor_parallel_size", "pipeline_parallel_size"})
+    plan = make_plan(ModelConfig.from_dir(config.model), live_inventory(config, config.resolved_device()), fixed)
+    settled = replace(config, tunable=frozenset())
+    if not plan.feasible or not plan.chosen.changes:
+        return settled
+    values = {knob: new for knob, _, new in plan.chosen.changes}
+    media = replace(config.media, max_pixels=values.pop("max_pixels", config.media.max_pixels))
+    log.warning("to fit this hardware, as `vlserve plan` would: %s (set these flags to choose otherwise)",
+                ", ".join(f"{flag_name(knob)} {new} (not {old})" for knob, old, new in plan.chosen.changes))
+    return replace(settled, media=media, **values)
 
 
 def check_before_loading(cfg: ModelConfig, config: EngineConfig, device: torch.device) -> Plan:
     """Raises PlanError naming every problem with its fix; logs the notes (the dtype fallback, ...). Returns the
     plan, whose KV cache size a CPU engine allocates."""
     hardware = live_inventory(config, device)
-    plan = make_plan(cfg, hardware, Request(config))
+    plan = make_plan(cfg, hardware, replace(config, tunable=frozenset()))  # what runs: settle() came first
     problems = list(plan.chosen.errors)
     if device.type == "cuda":
         local = [card for node in hardware.nodes[:1] for card in node.gpus]

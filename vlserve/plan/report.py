@@ -14,7 +14,7 @@ PASSED_ON = ("block_size", "vision_cache_mib", "num_gpu_blocks_override", "enabl
 
 
 def serve_command(plan: Plan) -> str:
-    c, e = plan.chosen, plan.request.engine
+    c, e = plan.chosen, plan.engine
     s = c.settings
     args = ["vlserve", "serve", e.model, "--tensor-parallel-size", str(s.tensor_parallel_size),
             "--pipeline-parallel-size", str(s.pipeline_parallel_size), "--dtype", c.dtype,
@@ -50,6 +50,19 @@ def serve_command(plan: Plan) -> str:
     return shlex.join(args)
 
 
+def flag_name(knob: str) -> str:
+    """How a user sets a knob the plan changes."""
+    return "max_pixels (--mm-processor-kwargs)" if knob == "max_pixels" else "--" + knob.replace("_", "-")
+
+
+def changes_text(c: Candidate) -> str:
+    return ", ".join(f"{flag_name(knob)} {new} (not {old})" for knob, old, new in c.changes)
+
+
+def changes_json(c: Candidate) -> list[dict]:
+    return [{"knob": knob, "flag": flag_name(knob), "configured": old, "planned": new} for knob, old, new in c.changes]
+
+
 def flag(name: str, value) -> list[str]:
     option = "--" + name.replace("_", "-")
     if isinstance(value, bool):
@@ -75,6 +88,7 @@ def to_json(plan: Plan) -> dict:
         "max_pixels": s.max_pixels,
         "gpu_memory_utilization": s.gpu_memory_utilization,
         "max_num_seqs": s.max_num_seqs,
+        "changed": changes_json(c),
         "dtype": c.dtype or None,
         "dtype_reason": c.dtype_why or None,
         "max_model_len": c.max_model_len if c.feasible else None,
@@ -87,7 +101,7 @@ def to_json(plan: Plan) -> dict:
         "command": serve_command(plan) if plan.feasible else None,
         "layouts": [{"tensor_parallel_size": x.settings.tensor_parallel_size,
                      "pipeline_parallel_size": x.settings.pipeline_parallel_size, "feasible": x.feasible,
-                     "kv_cache_tokens": x.kv_tokens if x.feasible else None,
+                     "kv_cache_tokens": x.kv_tokens if x.feasible else None, "changed": changes_json(x),
                      "errors": [{"code": p.code, "message": p.message} for p in x.errors]} for x in plan.layouts],
     }
 
@@ -102,6 +116,8 @@ def to_text(plan: Plan) -> str:
     verdict = "FEASIBLE" if plan.feasible else "NOT FEASIBLE"
     lines.append(f"{verdict}: tensor parallel {s.tensor_parallel_size} x pipeline parallel "
                  f"{s.pipeline_parallel_size}" + (f" on {c.machines} machines" if c.machines > 1 else ""))
+    if c.changes:
+        lines.append(f"set by the plan (flags not given): {changes_text(c)}")
     for p in c.errors:
         lines += [f"  error [{p.code}]: {p.message}"] + ([f"    fix: {p.fix}"] if p.fix else [])
     if c.dtype:
@@ -109,7 +125,7 @@ def to_text(plan: Plan) -> str:
     if c.memory:
         lines += memory_table(plan, c)
     if plan.feasible:
-        lines += [f"KV cache: {c.kv_tokens:,} tokens ({c.kv_blocks:,} blocks of {plan.request.engine.block_size})",
+        lines += [f"KV cache: {c.kv_tokens:,} tokens ({c.kv_blocks:,} blocks of {plan.engine.block_size})",
                   (f"max_model_len: {c.max_model_len:,} (the model's limit: {cfg.max_position_embeddings:,}); "
                   f"concurrency at that length: {c.kv_tokens / c.max_model_len:.2f}x; --max-num-batched-tokens "
                   f"{s.max_num_batched_tokens}")]
@@ -162,8 +178,11 @@ def layout_lines(plan: Plan) -> list[str]:
         pp = f"{first.pipeline_parallel_size}" + (f"-{last.pipeline_parallel_size}" if len(group) > 1 else "")
         if not group[0].errors:
             chosen = "  <- chosen" if group[0] is plan.chosen else ""
-            out.append(f"  {first.tensor_parallel_size} x {pp}: fits, KV cache {group[0].kv_tokens:,} tokens{chosen}")
+            changed = f" with {changes_text(group[0])}" if group[0].changes else ""
+            out.append(f"  {first.tensor_parallel_size} x {pp}: fits, KV cache {group[0].kv_tokens:,} tokens"
+                       f"{changed}{chosen}")
         else:
             closest = min(group, key=lambda x: x.overshoot)
-            out.append(f"  {first.tensor_parallel_size} x {pp}: {closest.errors[0].message}")
+            tried = f" (even with {changes_text(closest)})" if closest.changes else ""
+            out.append(f"  {first.tensor_parallel_size} x {pp}: {closest.errors[0].message}{tried}")
     return out

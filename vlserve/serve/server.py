@@ -77,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     engine = AsyncEngine(config)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
-    state = ServerState(engine, name, args.api_key, config.max_num_seqs + args.max_queued_requests,
+    state = ServerState(engine, name, args.api_key, engine.config.max_num_seqs + args.max_queued_requests,
                         args.max_request_body_mib)
     app = build_app(state)
     local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
