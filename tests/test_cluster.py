@@ -1,9 +1,13 @@
 """`vlserve cluster` pieces that need no running cluster: flag parsing, the executor choice, and how two nodes'
 software and model files are compared (the Ray cluster itself is exercised in test_ray_cluster.py)."""
 
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -135,3 +139,69 @@ def test_rank0_card_index_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     with pytest.raises(ClusterError, match="Ray gave rank 0 GPU 3, which this process cannot see"):
         local_index("3")
+
+
+def test_join_without_a_head_fails_in_seconds(capsys):
+    """Ray would retry an absent head for minutes; join checks that something answers first."""
+    from vlserve.distributed.executor import free_port
+
+    start = time.monotonic()
+    assert main(["cluster", "join", f"127.0.0.1:{free_port()}"]) == 2
+    assert time.monotonic() - start < 10
+    assert re.search(r"cannot reach the Ray head at 127\.0\.0\.1:\d+ \(the head address\): Connection refused",
+                     capsys.readouterr().err)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.run([sys.executable, "-m", "vlserve.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_a_loopback_head_is_what_ray_advertises_and_binds():
+    """--node-ip-address 127.0.0.1: Ray advertises 127.0.0.1 (not the machine's routable address), listens there
+    only, a driver on this machine connects, and `cluster stop` stops it."""
+    pytest.importorskip("ray", reason="needs Ray")
+    from vlserve.distributed.executor import free_port
+    from vlserve.distributed.network import route_interface
+
+    port = free_port()
+    try:
+        head = cli("cluster", "head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1")
+        assert head.returncode == 0, head.stdout + head.stderr
+        assert f"head 127.0.0.1:{port} on interface lo: Ray listens on 127.0.0.1 only" in head.stdout
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        try:
+            routable = route_interface("192.0.2.1").local_ip
+        except ConfigError:
+            routable = None  # no default route: nothing else to listen on
+        if routable:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((routable, port), timeout=5)
+        status = cli("cluster", "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert [line.split()[2] for line in status.stdout.splitlines() if line.startswith("127.0.0.1 ")] == ["head"]
+    finally:
+        stop = cli("cluster", "stop")
+    assert re.match(r"stopped \d+ Ray processes vlserve started on this machine", stop.stdout), stop.stdout
+    assert cluster.started_processes() == {}
+    status = cli("cluster", "status")  # Ray's record of the stopped head is gone with it: no wait on it
+    assert status.returncode == 2 and "start one with `vlserve cluster head`" in status.stderr
+
+
+def test_stop_leaves_a_ray_it_did_not_start(monkeypatch):
+    pytest.importorskip("ray", reason="needs Ray")
+    from vlserve.distributed.executor import free_port
+
+    port = free_port()
+    env = {**os.environ, **cluster.AUTH_MODE, **cluster.LOCAL_ONLY, "FOREIGN_RAY": f"127.0.0.1:{port}"}
+    subprocess.run([*cluster.RAY_CLI, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1", cluster.NO_DASHBOARD, "--disable-usage-stats"], env=env, capture_output=True,
+                   timeout=120, check=True)
+    try:
+        stop = cli("cluster", "stop")
+        assert stop.stdout.strip() == "no Ray process that vlserve started runs on this machine", stop.stdout
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # still serving
+    finally:
+        monkeypatch.setattr(cluster, "MARK", "FOREIGN_RAY")  # the same search, for the Ray this test started
+        assert cluster.stop() > 0

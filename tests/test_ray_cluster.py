@@ -46,7 +46,7 @@ def cluster():
             assert join.returncode == 0, join.stdout + join.stderr
             yield nodes, head.stdout, join.stdout
         finally:
-            vlserve(nodes.head, "cluster", "stop")  # Ray stops every Ray process of the host, both nodes' here
+            vlserve(nodes.head, "cluster", "stop")  # what vlserve started on this host: both nodes' Ray here
             for path in temp:
                 shutil.rmtree(path, ignore_errors=True)
 

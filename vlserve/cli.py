@@ -204,7 +204,7 @@ def add_cluster(sub) -> None:
         q.add_argument("--temp-dir", help="Ray's folder for this node (default /tmp/ray)")
         q.add_argument("--block", action="store_true", help="stay in the foreground (containers, supervisors)")
     cluster.add_parser("status", help="the cluster's nodes, their cards and versions; differences flagged")
-    cluster.add_parser("stop", help="stop every Ray process on this machine")
+    cluster.add_parser("stop", help="stop the Ray processes vlserve started on this machine (no other Ray)")
     p.set_defaults(func=run_cluster)
 
 
@@ -221,7 +221,9 @@ def run_cluster(args) -> None:
     elif args.cluster_command == "status":
         print(cluster.format_status(cluster.status()))
     else:
-        cluster.stop()
+        count = cluster.stop()
+        print(f"stopped {count} Ray process{'es' if count != 1 else ''} vlserve started on this machine" if count
+              else "no Ray process that vlserve started runs on this machine")
 
 
 def add_plan(sub) -> None:

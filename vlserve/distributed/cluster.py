@@ -6,11 +6,14 @@ and torch and see the same model files; the first node that differs is named.
 """
 
 import hashlib
+import ipaddress
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -28,6 +31,12 @@ NO_DASHBOARD = "--include-dashboard=false"  # the head's dashboard needs package
 # Ray >= 2.5x turns token auth on for a head that finds ~/.ray/auth_token (any local ray.init() writes one), but
 # joining nodes do not send it: one explicit mode for every node. RAY_AUTH_MODE=token set by the operator wins.
 AUTH_MODE = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+# Ray swaps a loopback node address for the machine's routable one (and listens on every interface) unless told
+# the cluster is local: with this, `--node-ip-address 127.0.0.1` means what it says, for the nodes and drivers.
+LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# In the environment of every Ray process vlserve starts (its children inherit it): `cluster stop` finds them by it
+MARK = "VLSERVE_CLUSTER_HEAD"
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL for what is still running after this
 
 
 @dataclass(frozen=True)
@@ -43,43 +52,128 @@ class StartOptions:
 
 def start_head(port: int, node_ip: str | None, options: StartOptions) -> str:
     """Starts the Ray head on this machine; returns the address workers join."""
+    resources = _resource_args(options)
     nic = _named_interface(options.interface) if options.interface else None
     if node_ip is None:
         node_ip = nic.local_ip if nic else _default_route_ip()
     nic = nic or _interface_owning(node_ip)
     address = f"[{node_ip}]:{port}" if ":" in node_ip else f"{node_ip}:{port}"
-    print(f"head {address} on interface {nic.name}; on each other machine run:\n"
-          f"  vlserve cluster join {address}", flush=True)
-    _ray_start(["--head", f"--port={port}", f"--node-ip-address={node_ip}", NO_DASHBOARD], nic, options)
+    if is_loopback(node_ip):
+        print(f"head {address} on interface {nic.name}: Ray listens on {node_ip} only, so only this machine can "
+              f"join (vlserve cluster join {address}); give a routable address for other machines", flush=True)
+    else:
+        print(f"head {address} on interface {nic.name}; on each other machine run:\n"
+              f"  vlserve cluster join {address}", flush=True)
+    _ray_start(["--head", f"--port={port}", f"--node-ip-address={node_ip}", NO_DASHBOARD], resources, nic, address)
     return address
 
 
 def join(head: str, options: StartOptions) -> Interface:
     """Joins this machine to the cluster at `head` (HOST:PORT) over the interface that routes to it."""
     host, port = parse_head_address(head)
-    nic = _named_interface(options.interface) if options.interface else route_interface(host, port)
+    resources = _resource_args(options)
+    nic = _named_interface(options.interface) if options.interface else None
+    check_reachable(head, "the head address")  # Ray would retry an absent head for minutes
+    nic = nic or route_interface(host, port)
     print(f"joining {head} from {nic.local_ip} on interface {nic.name}", flush=True)
-    _ray_start([f"--address={head}", f"--node-ip-address={nic.local_ip}"], nic, options)
+    _ray_start([f"--address={head}", f"--node-ip-address={nic.local_ip}"], resources, nic, head)
     return nic
 
 
-def stop() -> None:
-    """Stops every Ray process of this machine."""
-    subprocess.run([*RAY_CLI, "stop"], check=True)
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
-def _ray_start(args: list[str], nic: Interface, options: StartOptions) -> None:
-    env = {**os.environ, **interface_env(nic), **AUTH_MODE}  # Ray's processes, our workers among them, inherit it
+def stop() -> int:
+    """Stops the Ray processes vlserve started on this machine, and no other (a Ray of someone else's stays up);
+    returns how many there were."""
+    started = started_processes()
+    pids = list(started)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.1)  # bounded: the processes exit on their own, or get SIGKILL below
+    for pid in pids:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    _forget_address(set(started.values()))
+    return len(pids)
+
+
+def _forget_address(heads: set[str]) -> None:
+    """Ray's record of this machine's cluster, which `ray.init("auto")` would otherwise wait on, if it names a head
+    stopped here."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    if path.exists() and path.read_text().strip() in heads:
+        path.unlink(missing_ok=True)
+
+
+def started_processes() -> dict[int, str]:
+    """pid -> head address of the processes of this user whose environment carries MARK: the Ray processes vlserve
+    started and their children (our workers among them). Linux's /proc; elsewhere none can be told apart, so this
+    refuses."""
+    proc = Path("/proc")
+    if not (proc / "self" / "environ").exists():
+        raise ClusterError("`vlserve cluster stop` finds the processes it started in /proc (Linux); on this system "
+                           "stop Ray with `ray stop`")
+    marker, mine = f"{MARK}=".encode(), {os.getpid(), os.getppid()}
+    found = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # another user's process, or gone
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(marker):
+                found[int(entry.name)] = var[len(marker):].decode(errors="replace")
+    return found
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; its parent has not collected it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _resource_args(options: StartOptions) -> tuple[list[str], dict[str, str]]:
+    """`ray start` flags and environment for what this node offers; bad flags fail here, before anything starts."""
+    args, env = [], {}
     if options.gpus is not None:
         gpus = _parse_gpus(options.gpus)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         args.append(f"--num-gpus={len(gpus)}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     if options.num_cpus is not None:
         args.append(f"--num-cpus={options.num_cpus}")
     if options.temp_dir:
         args.append(f"--temp-dir={options.temp_dir}")
     if options.block:
         args.append("--block")
+    return args, env
+
+
+def _ray_start(args: list[str], resources: tuple[list[str], dict[str, str]], nic: Interface, head: str) -> None:
+    # Ray's processes, our workers among them, inherit this environment
+    env = {**os.environ, **interface_env(nic), **AUTH_MODE, **resources[1], MARK: head}
+    if is_loopback(parse_head_address(head)[0]):
+        env.update(LOCAL_ONLY)
+    args = [*args, *resources[0]]
     cmd = [*RAY_CLI, "start", *args, "--disable-usage-stats"]
     if subprocess.run(cmd, env=env, check=False).returncode != 0:
         raise ClusterError(f"`ray start` failed ({' '.join(args)}); see its output above. If Ray is already "
@@ -132,9 +226,14 @@ def connect() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "auto")
-    if address != "auto":
-        check_reachable(address)
+    bootstrap = _bootstrap_address(address)
+    if bootstrap:
+        check_reachable(bootstrap, "RAY_ADDRESS" if address != "auto" else "this machine's Ray cluster")
     os.environ.update(AUTH_MODE)  # as the nodes were started
+    if bootstrap and is_loopback(parse_head_address(bootstrap)[0]):
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # LOCAL_ONLY, read by Ray when it was imported
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as e:
@@ -145,13 +244,22 @@ def connect() -> None:
                            "or set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN) on every node") from None
 
 
-def check_reachable(address: str, timeout_s: float = 5) -> None:
+def _bootstrap_address(address: str) -> str | None:
+    """RAY_ADDRESS, or for "auto" the cluster this machine's Ray last started or joined (None: none)."""
+    if address != "auto":
+        return address.removeprefix("ray://")
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address()
+
+
+def check_reachable(address: str, source: str = "RAY_ADDRESS", timeout_s: float = 5) -> None:
     """Ray retries an unreachable head for minutes; a plain connection says at once what is wrong."""
     host, port = parse_head_address(address.removeprefix("ray://"))
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
-        raise ClusterError(f"cannot reach the Ray head at {address} (RAY_ADDRESS): {e.strerror or e}; is `vlserve "
+        raise ClusterError(f"cannot reach the Ray head at {address} ({source}): {e.strerror or e}; is `vlserve "
                            "cluster head` running there, and is the port open between the machines?") from None
 
 
