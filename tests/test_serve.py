@@ -88,6 +88,7 @@ def test_completions_and_models(client):
     assert sum(1 for c in stream if c.choices and c.choices[0].text) >= 1
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-vl"]
+    assert models.data[0].random_weights is True  # make-tiny's checkpoint: the chat page warns of it
 
 
 def test_health_version_metrics_need_no_key(server):

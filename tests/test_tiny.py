@@ -53,3 +53,17 @@ def test_text_only_checkpoint(tmp_path):
 def test_cli_bad_options(tmp_path, capsys, args, message):
     assert main(["make-tiny", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_files_are_readable_by_all_like_any_checkpoint(tmp_path, monkeypatch):
+    """Served from a shared folder or a container under another user, the weights must be readable (safetensors
+    writes 0600); the demo checkpoint's folder too (mkdtemp makes it the owner's alone)."""
+    from vlserve.model.tiny import demo_checkpoint
+
+    assert main(["make-tiny", str(tmp_path / "a"), "--shards", "2"]) == 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    demo = demo_checkpoint()
+    for folder in (tmp_path / "a", demo):
+        assert folder.stat().st_mode & 0o005 == 0o005
+        for path in folder.iterdir():
+            assert path.stat().st_mode & 0o044 == 0o044, path

@@ -178,6 +178,28 @@ def test_cancelling_the_stream_closes_the_connection():
     assert asyncio.run(run()) == ["a", "b", "c"]
 
 
+def header_of(cards: list[dict], model: str | None = None) -> str:
+    """The page's header against a server whose /v1/models lists `cards`."""
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/models"
+        return httpx.Response(200, json={"object": "list", "data": cards})
+
+    backend = Backend("http://127.0.0.1:9/v1", None, model)
+    backend.client = openai.AsyncOpenAI(base_url=backend.api_base, api_key="none", max_retries=0,
+                                        http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    return asyncio.run(backend.header())
+
+
+def test_the_header_says_when_the_weights_are_random():
+    card = {"id": "demo", "object": "model", "created": 0, "owned_by": "vlserve"}
+    assert "weights are random" in header_of([{**card, "random_weights": True}])
+    assert "weights are random" in header_of([{**card, "id": "x"}, {**card, "random_weights": True}], "demo")
+    assert header_of([card]) == "Chatting with `demo` at `http://127.0.0.1:9/v1`"  # vLLM's cards have no field
+    assert header_of([]).startswith("Chatting with (no model: the server lists none)")
+
+
 # ---- a real browser on the page mounted by a real `vlserve serve` ----
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -233,7 +255,7 @@ def test_chat_page_in_a_browser(sync_playwright, served, tmp_path):
 
 def drive_chat(page, base: str, image: str) -> None:
     page.goto(f"{base}/ui/")
-    page.wait_for_selector("text=Chatting with")
+    page.wait_for_selector("text=weights are random")  # the tiny checkpoint's: the header says its answers are noise
     assert f"{base}/v1" in page.inner_text("body")
     page.click("#settings > button")
     page.fill("#max-tokens input", "20000")  # long enough that only Stop ends it

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlserve.config import ModelConfig, parse_config
+from vlserve.config import RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
 from vlserve.errors import ConfigError
 from vlserve.model.layout import checkpoint_shapes
 
@@ -59,6 +59,7 @@ class TinySpec:
     max_position_embeddings: int = 32768
 
 
+FILE_MODE, FOLDER_MODE = 0o644, 0o755
 DEMO_SPEC = TinySpec(max_position_embeddings=8192)  # the KV cache of 256 sequences of 8,192 tokens: 1 GiB (CPU)
 
 
@@ -69,6 +70,8 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     cfg = parse_config(raw, str(out), out / "config.json")
     write_model_files(out, raw, multimodal=not spec.text_only)
     _write_weights(out, cfg, spec)
+    for path in out.iterdir():  # readable by all, like any checkpoint (safetensors writes its files 0600)
+        path.chmod(FILE_MODE)
     return out
 
 
@@ -94,6 +97,7 @@ def demo_checkpoint() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="demo-tiny-", dir=path.parent))
     try:
         make_tiny(tmp, DEMO_SPEC)
+        tmp.chmod(FOLDER_MODE)  # mkdtemp's folder is the owner's alone
         tmp.rename(path)
     except OSError:
         if not path.is_dir():  # unless another process got there first
@@ -127,6 +131,7 @@ def tiny_config(spec: TinySpec) -> dict:
         "use_sliding_window": False,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
+        RANDOM_WEIGHTS_KEY: True,  # the chat page and /v1/models say so
     }
     if spec.text_only:
         return raw

@@ -8,6 +8,7 @@ Gloo/NCCL interface variables, the model folder; across a cluster, version skew 
 import ctypes
 import os
 import platform
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,15 +160,22 @@ def network(head: str) -> list[Finding]:
     for key, value in interface_env(nic).items():
         have = os.environ.get(key)
         if have is None:
-            found.append(Finding(key, True, f"unset; `vlserve cluster join` sets {key}={value} for this node's "
-                                 "workers"))
+            found.append(Finding(key, True, f"unset; `vlserve cluster join` sets {assignment(key, value)} for this "
+                                 "node's workers"))
         elif not interface_selected(key, have, nic.name):
-            found.append(Finding(key, False, f"{key}={have} does not select {nic.name}, the interface that routes "
-                                 "to the head: this node's workers would join, then drop", f"export {key}={value} "
-                                 f"(or unset it and let `vlserve cluster join` set it)"))
+            found.append(Finding(key, False, f"{assignment(key, have)} does not select {nic.name}, the interface that "
+                                 "routes to the head: this node's workers would join, then drop",
+                                 f"export {assignment(key, value)} (or unset it and let `vlserve cluster join` set "
+                                 "it)"))
         else:
-            found.append(Finding(key, True, f"{key}={have} selects {nic.name}"))
+            found.append(Finding(key, True, f"{assignment(key, have)} selects {nic.name}"))
     return found
+
+
+def assignment(key: str, value: str) -> str:
+    """KEY="VALUE" as a shell takes it; NCCL's '=name' (exactly that interface) in quotes, so it does not read as a
+    typo (NCCL_SOCKET_IFNAME==lo)."""
+    return f'{key}="{value}"' if value.startswith("=") else f"{key}={shlex.quote(value)}"
 
 
 def interface_selected(key: str, value: str, name: str) -> bool:
@@ -202,8 +210,9 @@ def skew(mine, reports: list[NodeReport], model: str | None) -> list[Finding]:
             what, _, fix = problem.rpartition("; ")
             found.append(Finding(f"node {report.node}", False, what, fix))
     if not found:
-        found.append(Finding("cluster", True, f"{len(reports)} nodes run the same versions as this one"
-                             + (" and hold the same model files" if model else "")))
+        same = "run the same versions as this one" + (" and hold the same model files" if model else "")
+        found.append(Finding("cluster", True, f"all {len(reports)} nodes {same}" if len(reports) > 1 else
+                             "one node, this one: nothing to compare (`vlserve cluster join` adds others)"))
     return found
 
 

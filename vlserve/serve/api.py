@@ -99,8 +99,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
+        random = engine.config.load_format == "dummy" or engine.model_config.random_weights
         return ModelList(data=[ModelCard(id=state.served_model_name, root=engine.config.model,
-                                         max_model_len=engine.capacity.max_model_len)])
+                                         max_model_len=engine.capacity.max_model_len, random_weights=random)])
 
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat(raw: Request):

@@ -198,6 +198,7 @@ class ModelCard(BaseModel):
     owned_by: str = "vlserve"
     root: str
     max_model_len: int
+    random_weights: bool = False  # vlserve's: make-tiny's checkpoint or --load-format dummy; answers are noise
 
 
 class ModelList(BaseModel):

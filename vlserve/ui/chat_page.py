@@ -7,6 +7,7 @@ the Chatbot renders, so later turns resend what the model saw and nothing Gradio
 import asyncio
 import base64
 import mimetypes
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,12 @@ import gradio as gr
 import openai
 
 MEDIA_KINDS = {"image": "image_url", "video": "video_url"}
+RANDOM_WEIGHTS_NOTE = ("**This model's weights are random** (the demo checkpoint, `vlserve make-tiny`, or "
+                       "`--load-format dummy`): its answers are noise. To chat for real, serve a Qwen2.5-VL "
+                       "checkpoint: `vlserve serve Qwen/Qwen2.5-VL-3B-Instruct`.")
+# A fast model streams hundreds of tokens a second; re-rendering the growing answer for each would swamp the
+# browser (its buttons then stop answering clicks), so the page shows at most this many frames a second.
+FRAME_S = 1 / 20
 CANCEL_WAIT_S = 10  # how long Stop, Clear and Regenerate wait for a cancelled answer to end, at most
 
 
@@ -82,6 +89,7 @@ class Backend:
     api_base: str
     api_key: str | None
     model: str | None = None  # None: the first one the server lists, looked up on first use
+    random_weights: bool = False  # the server says its weights are random (vlserve's /v1/models field)
 
     def __post_init__(self):
         # openai requires some key; a server started without --api-key ignores it. No retries: a retried
@@ -90,19 +98,27 @@ class Backend:
 
     async def model_name(self) -> str:
         if self.model is None:
-            # lazily, not at build time: when mounted, the page is built before its own server listens
-            models = (await self.client.models.list()).data
-            if not models:
-                raise gr.Error(f"{self.api_base} lists no models")
-            self.model = models[0].id
+            await self.look_up()
+        if self.model is None:
+            raise gr.Error(f"{self.api_base} lists no models")
         return self.model
+
+    async def look_up(self) -> None:
+        """The model's card, lazily (when mounted, the page is built before its own server listens): its name when
+        none was given, and whether its weights are random."""
+        models = (await self.client.models.list()).data
+        card = next((m for m in models if m.id == self.model), models[0] if models else None)
+        if card is not None:
+            self.model, self.random_weights = card.id, getattr(card, "random_weights", None) is True
 
     async def header(self) -> str:
         try:
-            model = f"`{await self.model_name()}`"
+            await self.look_up()
+            model = f"`{self.model}`" if self.model else "(no model: the server lists none)"
         except openai.APIError as e:
             model = f"(no model: {error_text(e)})"
-        return f"Chatting with {model} at `{self.api_base}`"
+        header = f"Chatting with {model} at `{self.api_base}`"
+        return f"{header}\n\n{RANDOM_WEIGHTS_NOTE}" if self.random_weights else header
 
     async def stream(self, messages: list[dict], temperature: float, top_p: float,
                      max_tokens: int | None) -> AsyncIterator[str]:
@@ -156,10 +172,13 @@ def build_chat_page(api_base: str, api_key: str | None, model: str | None = None
         messages = to_messages(system or "", turns)  # an untouched Textbox gives None
         limit = None if max_tokens is None else int(max_tokens)  # an emptied field: the server's default
         yield chat_view(turns), turns, gr.MultimodalTextbox(interactive=False)
+        shown = time.monotonic()
         try:
             async for delta in backend.stream(messages, temperature, top_p, limit):
                 turn.answer += delta
-                yield chat_view(turns), turns, gr.skip()
+                if time.monotonic() - shown >= FRAME_S:  # the rest shows with the next frame, or the last below
+                    shown = time.monotonic()
+                    yield chat_view(turns), turns, gr.skip()
         except openai.APIError as e:
             turn.error = error_text(e)
         yield chat_view(turns), turns, gr.MultimodalTextbox(interactive=True)
