@@ -1,6 +1,7 @@
 """`vlserve cluster` pieces that need no running cluster: flag parsing, the executor choice, and how two nodes'
 software and model files are compared (the Ray cluster itself is exercised in test_ray_cluster.py)."""
 
+import json
 import os
 import re
 import shutil
@@ -205,3 +206,41 @@ def test_stop_leaves_a_ray_it_did_not_start(monkeypatch):
     finally:
         monkeypatch.setattr(cluster, "MARK", "FOREIGN_RAY")  # the same search, for the Ray this test started
         assert cluster.stop() > 0
+
+
+RAY_DRIVER = """
+import json, sys, time
+from vlserve import LLM
+try:
+    LLM(sys.argv[1], device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2,
+        distributed_executor_backend="ray", distributed_timeout_s=120)
+    print(json.dumps({"error": None}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e), "at": time.time()}))
+"""
+
+
+def test_a_ray_rank_that_dies_as_the_groups_form_fails_the_start_within_seconds(tiny_ckpt, tmp_path):
+    """As with spawned ranks (test_distributed.py): rank 0 watches the Ray actors while the groups form."""
+    pytest.importorskip("ray", reason="needs Ray")
+    from test_distributed import dying_rank_env, seconds_since_death
+
+    from vlserve.distributed.executor import free_port
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **dying_rank_env(tmp_path)}
+    try:
+        head = subprocess.run([sys.executable, "-m", "vlserve.cli", "cluster", "head", "--node-ip-address",
+                               "127.0.0.1", "--port", str(port), "--num-cpus", "2"], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert head.returncode == 0, head.stdout + head.stderr
+        driver = subprocess.run([sys.executable, "-c", RAY_DRIVER, str(tiny_ckpt)], capture_output=True, text=True,
+                                timeout=300, check=False, env={k: v for k, v in os.environ.items()
+                                                               if not k.startswith(("RAY_", "VLS_"))}
+                                | {"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        result = json.loads(next(line for line in driver.stdout.splitlines()[::-1] if line.startswith("{")))
+        assert result["error"] == "EngineDeadError", (result, driver.stderr[-3000:])
+        assert "simulated: died as the groups form" in result["message"] or "exited" in result["message"]
+        assert result["at"] - (time.time() - seconds_since_death(tmp_path)) < 10
+    finally:
+        cli("cluster", "stop")

@@ -279,3 +279,51 @@ def test_a_rank_that_dies_while_starting_fails_the_start_at_once(tiny_ckpt, tmp_
         LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
     assert time.monotonic() - start < 60
 
+
+
+# sitecustomize for a rank that dies as the groups form (the first dist.new_group), after it joined the store; it
+# writes the time of its death to $VLS_DEATH_FILE. An audit hook on imports patches torch.distributed once it is in.
+DIES_AS_GROUPS_FORM = """
+import os, sys, time
+
+def _hook(event, args):
+    d = sys.modules.get("torch.distributed")
+    if event == "import" and d is not None and hasattr(d, "new_group") and not hasattr(d, "_vls_dies"):
+        d._vls_dies = True
+
+        def new_group(*args, **kwargs):
+            with open(os.environ["VLS_DEATH_FILE"], "w") as f:
+                f.write(repr(time.time()))
+            sys.stderr.write("simulated: died as the groups form\\n")
+            sys.stderr.flush()
+            os._exit(9)
+        d.new_group = new_group
+
+if os.environ.get("VLS_DEATH_FILE"):
+    sys.addaudithook(_hook)
+"""
+
+
+def dying_rank_env(tmp_path: Path) -> dict[str, str]:
+    """PYTHONPATH and the variable that make spawned ranks (or a Ray node's workers) die as the groups form."""
+    (tmp_path / "sitecustomize.py").write_text(DIES_AS_GROUPS_FORM)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+            "VLS_DEATH_FILE": str(tmp_path / "died")}
+
+
+def seconds_since_death(tmp_path: Path) -> float:
+    return time.time() - float((tmp_path / "died").read_text())
+
+
+def test_a_rank_that_dies_as_the_groups_form_fails_the_start_within_seconds(tiny_ckpt, tmp_path, monkeypatch):
+    """Rank 0 would wait on it in the first collective until the distributed timeout (new_group's own default: 30
+    minutes); it watches the ranks instead, and the next engine in the process starts as if nothing happened."""
+    for key, value in dying_rank_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(EngineDeadError, match="exited .*simulated: died as the groups form"):
+        LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    assert seconds_since_death(tmp_path) < 10
+    monkeypatch.delenv("VLS_DEATH_FILE")
+    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=2)
+    assert len(llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == GREEDY.max_tokens
+    llm.shutdown()

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import logging
 import socket
+import threading
 import time
 from datetime import timedelta
 from urllib.parse import urlparse
@@ -34,6 +35,7 @@ log = logging.getLogger("vlserve.distributed")
 REDUCE_MIN = ("profile_free_blocks",)  # results every rank must agree on: the smallest wins
 GATHER = ("encode_share",)  # results rank 0 collects from every rank
 JOIN_POLL_S = 0.05  # how often rank 0 looks at the store and the processes while the ranks start
+EXIT_SEEN_S = 2.0  # after a collective failed, how long a peer's exit may take to show (its socket closes first)
 
 
 def make_runner(model_cfg: ModelConfig, engine_cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
@@ -74,26 +76,25 @@ def rendezvous_store(rank: int, engine_cfg: EngineConfig, init_method: str) -> d
                          timeout=timedelta(seconds=engine_cfg.distributed_timeout_s), wait_for_workers=False)
 
 
-def init_groups(rank: int, engine_cfg: EngineConfig, store: dist.Store, device: torch.device) -> None:
+def init_groups(rank: int, engine_cfg: EngineConfig, store: dist.Store, device: torch.device) -> dist.ProcessGroup:
+    """The default group, a tensor-parallel group per stage and the control group (returned). Every one times out
+    after --distributed-timeout-s (new_group's own default is 30 minutes)."""
     tp, pp = engine_cfg.tensor_parallel_size, engine_cfg.pipeline_parallel_size
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=engine_cfg.distributed_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=engine_cfg.world_size,
-                            timeout=timedelta(seconds=engine_cfg.distributed_timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=engine_cfg.world_size, timeout=timeout)
     stage = rank // tp
     for s in range(pp):  # every rank creates every group, in the same order
-        group = dist.new_group(list(range(s * tp, (s + 1) * tp)))
+        group = dist.new_group(list(range(s * tp, (s + 1) * tp)), timeout=timeout)
         if s == stage:
             set_tp_group(TensorParallelGroup(rank % tp, tp, group))
     set_pipeline_stage(PipelineStage(stage, pp, rank - tp if stage > 0 else None,
                                      rank + tp if stage < pp - 1 else None, engine_cfg.pp_layer_partition))
-
-
-def control_group() -> dist.ProcessGroup:
-    """Where workers wait between steps: Gloo (CPU), whatever carries the model's collectives. Steps' headers and
-    the pickled calls other than steps travel here."""
-    return dist.new_group(backend="gloo")
+    # Where workers wait between steps: Gloo (CPU), whatever carries the model's collectives. Steps' headers and
+    # the pickled calls other than steps travel here.
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg: EngineConfig,
@@ -101,8 +102,7 @@ def worker_main(rank: int, init_method: str, model_cfg: ModelConfig, engine_cfg:
     """One rank other than 0, until rank 0 broadcasts shutdown. `device` is this rank's own."""
     store = rendezvous_store(rank, engine_cfg, init_method)
     store.set(f"joined/{rank}", "1")  # rank 0 watches for these while it watches the processes
-    init_groups(rank, engine_cfg, store, device)
-    control = control_group()
+    control = init_groups(rank, engine_cfg, store, device)
     runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=False)
     while True:
         step = packed_step.receive(control, device, dtype)
@@ -159,8 +159,9 @@ class MultiprocRunner:
             store = rendezvous_store(0, engine_cfg, init_method)
             device = self.start_workers(init_method, model_cfg, engine_cfg, device, dtype)
             self.wait_for_workers(store, engine_cfg.world_size, engine_cfg.distributed_timeout_s)
-            init_groups(0, engine_cfg, store, device)
-            self.control = control_group()
+            self.control = self.watching_workers(lambda: init_groups(0, engine_cfg, store, device))
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # set in init_groups' thread, whose own it was
             self.runner = ModelRunner(model_cfg, engine_cfg, device, dtype, progress=progress)
         except BaseException:
             self.broken = True  # the workers cannot be told: stop them
@@ -188,10 +189,7 @@ class MultiprocRunner:
         exit and last lines (not after the rendezvous timeout)."""
         keys, deadline = [f"joined/{rank}" for rank in range(1, world)], time.monotonic() + timeout_s
         while True:
-            for rank, worker in enumerate(self.workers, start=1):
-                if not worker.is_alive():
-                    raise EngineDeadError(f"rank {rank} ({worker.name}) exited while starting (code "
-                                          f"{worker.exitcode}); nothing else was loaded")
+            self.check_starting_workers()
             if store.check(keys):
                 return
             if time.monotonic() >= deadline:
@@ -199,6 +197,35 @@ class MultiprocRunner:
                     f"{world - 1} rank(s) started but not all reached rank 0's store within {timeout_s:g} s; "
                     "check the network between the machines (`vlserve doctor --head HOST:PORT`)")
             time.sleep(JOIN_POLL_S)
+
+    def watching_workers(self, form_groups):
+        """form_groups() in a thread of its own while this one watches the ranks: one that dies while the groups
+        form would leave rank 0 waiting on it in a collective until the distributed timeout. Its death fails the
+        start at once instead; the thread is left to that timeout (the process group is torn down under it)."""
+        done: list = []
+
+        def run():
+            try:
+                done.append((form_groups(), None))
+            except BaseException as e:  # re-raised below, in the caller's thread
+                done.append((None, e))
+
+        thread = threading.Thread(target=run, name="vlserve-groups", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            self.check_starting_workers()
+            thread.join(JOIN_POLL_S)
+        result, error = done[0]
+        if error is not None:
+            self.check_starting_workers()  # a peer's death is the cause to report, not the socket it closed
+            raise error
+        return result
+
+    def check_starting_workers(self) -> None:
+        for rank, worker in enumerate(self.workers, start=1):
+            if not worker.is_alive():
+                raise EngineDeadError(f"rank {rank} ({worker.name}) exited while starting (code {worker.exitcode}); "
+                                      "nothing else was loaded")
 
     @property
     def vision_cache(self):
@@ -222,8 +249,14 @@ class MultiprocRunner:
     def collective(self):
         try:
             yield
-        except BaseException:
+        except EngineDeadError:
+            self.broken = True
+            raise
+        except BaseException as e:
             self.broken = True  # the workers may be waiting in a collective rank 0 will never join
+            dead = self.exited_worker(EXIT_SEEN_S)  # a peer that died shows first as a closed socket
+            if dead is not None:
+                raise EngineDeadError(f"worker {dead.name} exited (code {dead.exitcode}); restart the server") from e
             raise
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -274,9 +307,18 @@ class MultiprocRunner:
         return sample_seqs, self.runner.sampler(logits, sample_seqs)
 
     def check_workers(self) -> None:
-        for worker in self.workers:
-            if not worker.is_alive():
-                raise EngineDeadError(f"worker {worker.name} exited (code {worker.exitcode}); restart the server")
+        dead = self.exited_worker()
+        if dead is not None:
+            raise EngineDeadError(f"worker {dead.name} exited (code {dead.exitcode}); restart the server")
+
+    def exited_worker(self, within_s: float = 0.0):
+        """A worker that has exited, looking for up to `within_s`; None if all run."""
+        deadline = time.monotonic() + within_s
+        while True:
+            dead = next((w for w in self.workers if not w.is_alive()), None)
+            if dead is not None or time.monotonic() >= deadline:
+                return dead
+            time.sleep(JOIN_POLL_S)
 
     def shutdown(self) -> None:
         if self.closed:

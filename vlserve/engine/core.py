@@ -49,8 +49,12 @@ class EngineCore:
         self.runner = make_runner(self.model_config, config, self.device, self.dtype, progress=progress)
         self.async_scheduling = self.can_schedule_async(config)
         scheduler_config = replace(scheduler_config, async_scheduling=self.async_scheduling)
-        num_blocks = self.num_kv_blocks(scheduler_config, plan.chosen.kv_blocks)
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = self.num_kv_blocks(scheduler_config, plan.chosen.kv_blocks)
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:  # a rank died, memory ran out: release the others, so a next engine can start
+            self.runner.shutdown()
+            raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.in_flight: deque = deque()  # (scheduled, runner handle) of batches submitted, oldest first
