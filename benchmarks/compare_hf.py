@@ -41,7 +41,8 @@ TARGETS_7B = {"decode1": 180, "throughput": 10_000, "ttft": 45, "prefill8k": 40_
 PAD_TOKEN_ID = 151643  # <|endoftext|>
 
 
-def parse_args(argv):
+def parse_args(argv, extra=None):
+    """compare_hf's options; `extra(parser)` adds a script's own (profile_steps.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layout", choices=("7b", "tiny"), default="7b")
     p.add_argument("--device", default="cuda")
@@ -61,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="vlserve's --async-scheduling (off: the step-by-step engine, for an A/B in one tree)")
     p.add_argument("--json", help="write the results here")
+    if extra:
+        extra(p)
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     if not args.workloads or set(args.workloads) - set(WORKLOADS):

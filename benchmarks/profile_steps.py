@@ -22,7 +22,8 @@ from vlserve import LLM  # noqa: E402
 from vlserve.bench.offline import drive, engine_requests  # noqa: E402
 
 
-def profile_workload(llm, name: str, workload, prompts: list, device: torch.device, rows: int) -> None:
+def profile_workload(llm, name: str, workload, prompts: list, device: torch.device, rows: int,
+                     trace_dir: str | None = None) -> None:
     drive(llm, engine_requests(llm, prompts[:1], replace(workload, output_len=min(workload.output_len, 8))
                                .sampling_params()))
     measured = engine_requests(llm, prompts[1:], workload.sampling_params())
@@ -33,6 +34,9 @@ def profile_workload(llm, name: str, workload, prompts: list, device: torch.devi
         drive(llm, measured)
         sync(device)
         wall = time.perf_counter() - start
+    if trace_dir:  # the timeline, for chrome://tracing or Perfetto: gaps between steps show host time
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(trace_dir) / f"{name}.json"))
     events = prof.key_averages()
     # Kernels only: an operator's device time is its kernels' again
     busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
@@ -44,7 +48,8 @@ def profile_workload(llm, name: str, workload, prompts: list, device: torch.devi
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, extra=lambda p: p.add_argument(
+        "--trace-dir", help="write each workload's timeline here (Chrome trace JSON)"))
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="profile-steps-") as tmp:
         folder = write_model_folder(args.layout, Path(tmp))
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
               f"layout {args.layout}, torch {torch.__version__}, async scheduling {args.async_scheduling}")
         for name, (workload, prompts, _) in inputs.items():
             count = args.num_requests if name == "throughput" else 1
-            profile_workload(llm, name, workload, prompts[:1 + count], device, rows=12)
+            trace_dir = args.trace_dir if name == "decode1" else None  # the throughput one is too large to keep
+            profile_workload(llm, name, workload, prompts[:1 + count], device, rows=12, trace_dir=trace_dir)
         llm.shutdown()
     return 0
 

@@ -6,9 +6,10 @@
 #   compare   benchmarks/compare_hf.py (decode1, throughput; 7B layout, random weights, bf16) for this checkout
 #             and, with --skip-transformers, for the baseline tree in .base/ (`git archive <commit> vlserve`)
 #   profile   benchmarks/profile_steps.py on the throughput workload (GPU busy share, host syncs)
+#   trace     one stream's timeline (benchmarks/profile_steps.py --trace-dir, 128 tokens), gzipped into $OUT
 #   memory    benchmarks/memory_model.py: the planner's activation and KV figures against the engine's
 #   serve     256 requests, 512 in / 256 out, through HTTP (streaming) and offline: benchmarks/front_door.py
-# usage: bash benchmarks/step_overlap_gpu.sh [tests] [compare|compare-vlserve] [profile] [serve] [memory] [base] [profile-base]
+# usage: bash benchmarks/step_overlap_gpu.sh [tests] [compare|compare-vlserve] [profile] [serve] [memory] [trace] [base] [profile-base]
 #   (default: tests compare profile)
 set -uo pipefail
 OUT=${OUT:-/tmp/step-overlap-out}
@@ -43,6 +44,11 @@ fi
 if has memory; then  # the planner's memory model against the engine's profiling step (7B layout)
   timeout 150 python3 benchmarks/memory_model.py --json "$OUT/memory_model.json" 2>&1 | grep -vE "Warning|warn" \
     | tail -25
+fi
+if has trace; then
+  timeout 120 python3 benchmarks/profile_steps.py --workloads decode1 --output-len 128 --trace-dir "$OUT/trace" \
+    2>&1 | grep -vE "Warning|warn" | tee "$OUT/trace.log" | head -40
+  gzip -f "$OUT"/trace/*.json
 fi
 has profile-base && profile before .base
 has profile && profile after .

@@ -117,7 +117,8 @@ def to_text(plan: Plan) -> str:
     lines.append(f"{verdict}: tensor parallel {s.tensor_parallel_size} x pipeline parallel "
                  f"{s.pipeline_parallel_size}" + (f" on {c.machines} machines" if c.machines > 1 else ""))
     if c.changes:
-        lines.append(f"set by the plan (flags not given): {changes_text(c)}")
+        label = "set by the plan" if c.feasible else "tried, and still not enough"
+        lines.append(f"{label} (flags not given): {changes_text(c)}")
     for p in c.errors:
         lines += [f"  error [{p.code}]: {p.message}"] + ([f"    fix: {p.fix}"] if p.fix else [])
     if c.dtype:
