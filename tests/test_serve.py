@@ -132,7 +132,7 @@ def test_bad_requests(server, content, status, message):
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "not valid JSON"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', "max_tokens"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}', "frobnicate"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', "tools"),
     (b'{"messages": []}', "messages"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}', "n "),

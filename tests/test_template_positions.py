@@ -139,7 +139,7 @@ def chat_cases():
              user(text("And 3+3?")), {"role": "assistant", "content": [text("6")]}, user(text("Thanks"))]
     yield "multi-turn", turns, turns, [], None
     ours = [user({"type": "image_url", "image_url": {"url": png_url(IMG_A)}}, text("Compare"),
-                 {"type": "image_url", "image_url": png_url(IMG_B)}, {"type": "image", "image": IMG_C}),
+                 {"type": "image_url", "image_url": {"url": png_url(IMG_B)}}, {"type": "image", "image": IMG_C}),
             {"role": "assistant", "content": "They differ."},
             user({"type": "image", "image": png_url(IMG_B)}, text("And this one?"))]
     ref = [user({"type": "image", "image": IMG_A}, text("Compare"), {"type": "image", "image": IMG_B},
@@ -297,9 +297,11 @@ BAD_MESSAGES = {
     "text missing": ([user(text("ok"), {"type": "text"})], "messages[0].content[1] is a text part without"),
     "text not a string": ([user({"type": "text", "text": 3})], "messages[0].content[0] is a text part without"),
     "image_url without url": ([user({"type": "image_url", "image_url": {}})], "has type 'image_url' but no URL"),
-    "image_url empty": ([user({"type": "image_url", "image_url": ""})], "has type 'image_url' but no URL"),
+    "image_url empty": ([user({"type": "image_url", "image_url": ""})], "image_url must be an object holding"),
+    "image_url as a string": ([user({"type": "image_url", "image_url": "https://x/y.png"})],
+                              "send {\"type\": \"image_url\", \"image_url\": {\"url\""),
     "image_url number": ([user({"type": "image_url", "image_url": {"url": 5}})], "but no URL"),
-    "video_url missing": ([user({"type": "video_url"})], "messages[0].content[0] has type 'video_url' but no URL"),
+    "video_url missing": ([user({"type": "video_url"})], "messages[0].content[0].video_url must be an object"),
     "video not a string": ([user({"type": "video", "video": ["f1.png"]})], "has type 'video' but no URL"),
     "image in system": ([{"role": "system", "content": [IMG]}, user(text("x"))],
                         "messages[0].content[0] is an image in a message with role 'system'"),

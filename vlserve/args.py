@@ -2,11 +2,17 @@
 
 import argparse
 import json
+import os
 
 from vlserve.config import EXECUTOR_BACKENDS, LOAD_FORMATS, TUNABLE, VISION_TP_MODES, EngineConfig
 from vlserve.errors import ConfigError, MediaError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
+
+
+def api_key_from_env() -> str | None:
+    """The server's key when --api-key is not given: VLSERVE_API_KEY, else vLLM's VLLM_API_KEY."""
+    return os.environ.get("VLSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
 
 
 FITS = "; unset, vlserve lowers it if the model would not fit otherwise, as `vlserve plan` shows"

@@ -123,7 +123,7 @@ def run_bench_offline(args) -> None:
 def add_bench_serve(sub) -> None:
     p = sub.add_parser("serve", help="throughput and latency of a running OpenAI-compatible server, streaming")
     p.add_argument("--base-url", required=True, help="the server's root, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY)")
+    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY, else $VLLM_API_KEY)")
     p.add_argument("--model", help="model name to ask for (default: the first one the server lists)")
     p.add_argument("--tokenizer", help="folder holding the model's tokenizer, to build prompts of exact lengths "
                    "(default: the model folder the server names, which must then be on this machine)")
@@ -141,12 +141,11 @@ def add_bench_serve(sub) -> None:
 
 
 def run_bench_serve(args) -> None:
-    import os
-
+    from vlserve.args import api_key_from_env
     from vlserve.bench.serve import ServeBench, run_serve_bench
 
     cfg = ServeBench(
-        base_url=args.base_url, api_key=args.api_key or os.environ.get("VLSERVE_API_KEY"), model=args.model,
+        base_url=args.base_url, api_key=args.api_key or api_key_from_env(), model=args.model,
         tokenizer=args.tokenizer, endpoint=args.endpoint, concurrency=args.concurrency,
         request_rate=args.request_rate, request_timeout_s=args.request_timeout,
     )
@@ -158,7 +157,7 @@ def run_bench_serve(args) -> None:
 def add_ui(sub) -> None:
     p = sub.add_parser("ui", help="a browser chat page (images, video, streaming) for an OpenAI-compatible server")
     p.add_argument("--api-base", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY)")
+    p.add_argument("--api-key", help="bearer key for the server (default: $VLSERVE_API_KEY, else $VLLM_API_KEY)")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on")
     p.add_argument("--port", type=int, default=7860, help="port of the chat page")
     p.add_argument("--model", help="model name to ask for (default: the first one the server lists)")
@@ -166,11 +165,10 @@ def add_ui(sub) -> None:
 
 
 def run_ui(args) -> None:
-    import os
-
+    from vlserve.args import api_key_from_env
     from vlserve.ui import run_ui as serve_page
 
-    api_key = args.api_key or os.environ.get("VLSERVE_API_KEY")
+    api_key = args.api_key or api_key_from_env()
     serve_page(check_api_base(args.api_base), api_key, host=args.host, port=args.port, model=args.model)
 
 

@@ -22,7 +22,10 @@ from vlserve.errors import ConfigError, InvalidRequestError
 from vlserve.engine.sequence import MediaSpan
 from vlserve.media.item import MediaItem
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system, rendered as one
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                                      "add_generation_prompt", "continue_final_message", "return_dict", "padding",
+                                      "truncation", "max_length", "return_tensors", "tokenizer_kwargs"})
 MEDIA_PARTS = {"image_url": "image", "image": "image", "video_url": "video", "video": "video"}  # type -> modality
 PART_EXAMPLES = {
     "text": '{"type": "text", "text": "..."}',
@@ -59,14 +62,19 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
 
 
 def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, chat: list[dict],
-                add_generation_prompt: bool = True) -> list[int]:
+                add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of `chat` (from parse_messages) rendered with the checkpoint's chat template: one placeholder pad
-    per media item, not expanded yet."""
+    per media item, not expanded yet. `template_kwargs` become the template's variables."""
+    taken = sorted(set(template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+    if taken:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: those are the request's "
+                                  "own fields (messages, add_generation_prompt, ...)")
     if not tokenizer.chat_template:
         raise InvalidRequestError(f"the checkpoint {Path(cfg.path).name!r} has no chat template, so it cannot serve "
                                   "chat requests; send a plain prompt to the completions endpoint instead")
     try:
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
     except jinja2.TemplateError as e:
         raise InvalidRequestError(f"the model's chat template refused these messages: {e}") from e
     # The template already wrote every special token; adding more (a BOS) would differ from training.
@@ -124,6 +132,7 @@ def _parse_message(i: int, message: Any, refs: list[MediaRef]) -> dict:
     role = message.get("role")
     if role not in ROLES:
         raise InvalidRequestError(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}")
+    role = "system" if role == "developer" else role
     content = message.get("content")
     if isinstance(content, str):
         return {"role": role, "content": content}
@@ -155,7 +164,10 @@ def _parse_part(where: str, role: str, part: Any, refs: list[MediaRef]) -> dict:
 
 def _source(where: str, kind: str, part: dict) -> str | Image.Image:
     value = part.get(kind)
-    if kind.endswith("_url") and isinstance(value, dict):
+    if kind.endswith("_url"):
+        if not isinstance(value, dict):  # OpenAI's schema: {"url": ...}; a bare string is a client's mistake
+            raise InvalidRequestError(f"{where}.{kind} must be an object holding the URL, got {_describe(value)}; "
+                                      f"send {PART_EXAMPLES[kind]}")
         value = value.get("url")
     if kind == "image" and isinstance(value, Image.Image):
         return value

@@ -7,6 +7,7 @@ at once whatever the requests cost. A client that goes away (streaming or not) a
 """
 
 import asyncio
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,13 +26,14 @@ from vlserve.serve.errors import ModelNotFoundError, OverloadedError, status_of
 from vlserve.serve.metrics import Metrics
 from vlserve.serve.middleware import MIB, ApiKeyMiddleware, BodyLimitMiddleware
 from vlserve.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_json, new_id,
+    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_json, ignored_fields, new_id,
 )
 from vlserve.serve.responses import (
     TokenText, chat_response, chat_stream, collect, completion_response, completion_stream,
 )
 from vlserve.serve.sampling import sampling_defaults, sampling_params
 
+log = logging.getLogger("vlserve.serve")
 DISCONNECT_POLL_S = 0.5
 MAX_SEQUENCES_PER_REQUEST = 128  # prompts x n of one completions call, as the bound on n alone
 
@@ -62,7 +64,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, e: RequestValidationError):
         errors = e.errors()
-        first = errors[0] if errors else {}
+        # of a union's alternatives (content: a string or a list of parts), the one that got furthest says most
+        first = max(errors, key=lambda err: len(err.get("loc", ()))) if errors else {}
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
             return JSONResponse(error_json(400, message, "invalid_request_error"), status_code=400)
@@ -144,9 +147,13 @@ async def parsed(engine: AsyncEngine, raw: Request, model: type[BaseModel]):
     loop (FastAPI would parse it there). Errors become FastAPI's own 400s."""
     body = await raw.body()
     try:
-        return await engine.process(model.model_validate_json, body)
+        request = await engine.process(model.model_validate_json, body)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
+    ignored = ignored_fields(request)
+    if ignored:
+        log.info("%s %s: ignored fields it does not use: %s", raw.method, raw.url.path, ", ".join(ignored[:20]))
+    return request
 
 
 def json_body(model: type[BaseModel]) -> dict:
@@ -176,7 +183,7 @@ def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict
                              (req.top_logprobs or 0) if req.logprobs else None)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs,
-                              req.add_generation_prompt)
+                              req.add_generation_prompt, req.chat_template_kwargs)
 
 
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):
@@ -201,7 +208,8 @@ def error_response(e: BaseException) -> JSONResponse:
 
 
 def check_model(name: str | None, state: ServerState) -> None:
-    if name is not None and name != state.served_model_name:
+    """Absent or empty (as vLLM takes it): the served model."""
+    if name and name != state.served_model_name:
         raise ModelNotFoundError(f"model {name!r} is not served here; this server serves "
                                  f"{state.served_model_name!r} (see /v1/models)")
 

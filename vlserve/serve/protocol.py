@@ -1,15 +1,25 @@
-"""OpenAI API schema (the parts vlserve serves), as pydantic models. Unknown fields are refused, not ignored."""
+"""OpenAI API schema (the parts vlserve serves), as pydantic models.
+
+As vLLM's server does, a request may carry fields vlserve does not use (OpenAI's `store`, `metadata`, `user`, a
+framework's own keys, extra keys inside messages): they are accepted and named in the log (`ignored_fields`).
+Fields that would change the answer are never ignored: vlserve either serves them or refuses the request with 400
+and what to change (`tools`, `response_format` json modes, `logit_bias`, guided decoding, for now).
+"""
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INT64 = 2**63  # seeds are int64 in vLLM's and OpenAI's schema
+NOT_YET = ("{field} is not supported by vlserve yet, and ignoring it would change the answer; drop it from the "
+           "request")
 
 
 class Strict(BaseModel):
     # Python's JSON parser reads NaN and Infinity; no sampling or media parameter means anything with them
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
@@ -39,19 +49,19 @@ class TextPart(Strict):
 
 class ImagePart(Strict):
     type: Literal["image_url"]
-    image_url: ImageURL | str
+    image_url: ImageURL  # an object, as OpenAI's schema has it: a bare string is refused
 
 
 class VideoPart(Strict):
     type: Literal["video_url"]
-    video_url: VideoURL | str
+    video_url: VideoURL
 
 
-ContentPart = TextPart | ImagePart | VideoPart
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[ContentPart]
     name: str | None = None
 
@@ -72,7 +82,7 @@ class SamplingFields(Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     stream: bool = False
@@ -81,6 +91,42 @@ class SamplingFields(Strict):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     user: str | None = None  # accepted for client compatibility; not used
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def no_logit_bias(cls, value):
+        if value:
+            raise ValueError(NOT_YET.format(field="logit_bias"))
+        return value
+
+    @model_validator(mode="after")
+    def stream_options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_guided_decoding(cls, data):
+        guided = [k for k in GUIDED_FIELDS if isinstance(data, dict) and data.get(k) is not None]
+        if guided:
+            raise ValueError(NOT_YET.format(field=", ".join(guided)) + " (structured output is planned)")
+        return data
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+    @field_validator("type")
+    @classmethod
+    def text_only(cls, value):
+        if value != "text":
+            raise ValueError(NOT_YET.format(field=f"response_format {value}") + " (structured output is planned)")
+        return value
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -91,6 +137,17 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     mm_processor_kwargs: dict[str, float] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (e.g. its own switches)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools(cls, value):
+        if value:
+            raise ValueError(NOT_YET.format(field="tools") + " (tool calling is planned)")
+        return value
 
 
 class CompletionRequest(SamplingFields):
@@ -132,6 +189,18 @@ class ChatChoice(BaseModel):
     message: ChatMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+
+
+def ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the fields a request carried that no model declares (accepted, not used)."""
+    found = [prefix + key for key in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, BaseModel):
+                found += ignored_fields(item, f"{prefix}{name}[{i}]." if isinstance(value, list) else
+                                        f"{prefix}{name}.")
+    return found
 
 
 def new_id(prefix: str) -> str:

@@ -23,8 +23,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usa
 
 
 def sse(payload) -> str:
+    """One server-sent event. A chunk holds the fields set on it: `finish_reason` and `logprobs` always (null until
+    known, as OpenAI and vLLM send them), a delta's `role` only in its first chunk, `usage` only where asked for."""
     if hasattr(payload, "model_dump_json"):
-        body = payload.model_dump_json(exclude_none=True)
+        body = payload.model_dump_json(exclude_unset=True)
     else:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return f"data: {body}\n\n"
@@ -51,17 +53,19 @@ class TokenText:
 
     def completion(self, token_ids: list[int], logprobs: list[Logprob] | None, offset: int
                    ) -> CompletionLogprobs | None:
+        """OpenAI's legacy form: per token its text, logprob, offset and the `logprobs` most likely tokens plus the
+        sampled one (so `logprobs: 0` gives the sampled token alone)."""
         if logprobs is None:
             return None
-        out = CompletionLogprobs()
+        tokens, chosen, top, offsets = [], [], [], []
         for token_id, lp in zip(token_ids, logprobs):
             text = self.tokenizer.decode([token_id])
-            out.tokens.append(text)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.tokenizer.decode([t]): p for t, p in lp.top})
-            out.text_offset.append(offset)
+            tokens.append(text)
+            chosen.append(lp.logprob)
+            top.append({self.tokenizer.decode([t]): p for t, p in lp.top} | {text: lp.logprob})
+            offsets.append(offset)
             offset += len(text)
-        return out
+        return CompletionLogprobs(tokens=tokens, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
 
 
 async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -136,11 +140,13 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
     """SSE: a role chunk per choice, content deltas, a finish chunk per choice, optional usage, [DONE]."""
     rid, created = new_id("chatcmpl"), int(time.time())
 
-    def chunk(choices, usage_=None) -> str:
-        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage_))
+    def chunk(choices, **usage_) -> str:
+        return sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
+                                       choices=choices, **usage_))
 
     for i in range(n):
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""), logprobs=None,
+                                     finish_reason=None)])
     prompt_tokens = completion = cached = 0
     try:
         async for _, delta in merged([stream]):
@@ -155,7 +161,7 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
         yield sse(error_event(e))
     else:
         if include_usage:
-            yield chunk([], usage(prompt_tokens, completion, cached))
+            yield chunk([], usage=usage(prompt_tokens, completion, cached))
     yield "data: [DONE]\n\n"
 
 
@@ -169,7 +175,8 @@ async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: 
                 completion += len(o.token_ids)
                 choice = CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
                                           logprobs=token_text.completion(o.token_ids, o.logprobs, 0))
-                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+                yield sse(CompletionResponse(id=rid, object="text_completion", created=created, model=model,
+                                             choices=[choice]))
             if delta.finished:
                 prompt_tokens += len(delta.prompt_token_ids)
                 cached += delta.num_cached_tokens
@@ -177,8 +184,8 @@ async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: 
         yield sse(error_event(e))
     else:
         if include_usage:
-            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                         usage=usage(prompt_tokens, completion, cached)))
+            yield sse(CompletionResponse(id=rid, object="text_completion", created=created, model=model,
+                                         choices=[], usage=usage(prompt_tokens, completion, cached)))
     yield "data: [DONE]\n\n"
 
 

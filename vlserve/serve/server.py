@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 
-from vlserve.args import add_engine_args
+from vlserve.args import add_engine_args, api_key_from_env
 
 # The server's own imports (torch, uvicorn, the engine) wait until it runs: `vlserve --help` should not pay them.
 
@@ -22,8 +22,8 @@ def add_serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: the folder name)")
-    p.add_argument("--api-key", default=os.environ.get("VLSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: env VLSERVE_API_KEY)")
+    p.add_argument("--api-key", default=api_key_from_env(),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env VLSERVE_API_KEY, else VLLM_API_KEY)")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests that may wait beyond --max-num-seqs before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -1,0 +1,131 @@
+"""vLLM's API contract as clients meet it: fields vlserve does not use are accepted and logged, fields that would
+change the answer are refused with what to change, and the small rules of the schema (seed range, media URLs as
+objects, stream options, null keys in chunks, completions logprobs, VLLM_API_KEY) hold."""
+
+import json
+import os
+from unittest import mock
+
+import httpx
+import openai
+import pytest
+
+from hf_reference import image_url, text
+from live_server import live_server
+
+KEY = "sk-vllm-key"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ckpt):
+    """A server whose key comes from vLLM's variable alone."""
+    env = {k: v for k, v in os.environ.items() if k != "VLSERVE_API_KEY"}
+    with mock.patch.dict(os.environ, {**env, "VLLM_API_KEY": KEY}, clear=True):
+        with live_server(tiny_ckpt, "--max-model-len", "512", "--served-model-name", "tiny") as (base, proc):
+            yield base, proc
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(served, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{served[0]}/v1/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def test_vllm_api_key_guards_the_api(served):
+    assert post(served, "chat/completions", {"messages": HELLO, "max_tokens": 1}).status_code == 200
+    assert httpx.post(f"{served[0]}/v1/chat/completions", json={"messages": HELLO}, timeout=60).status_code == 401
+
+
+def test_fields_vlserve_does_not_use_are_accepted_and_logged(served):
+    body = {"model": "", "messages": [{"role": "developer", "content": "Be brief.", "cache_control": {"x": 1}},
+                                      {"role": "user", "content": [{"type": "text", "text": "Hi", "extra": 1}]}],
+            "max_tokens": 2, "store": False, "metadata": {"run": "7"}, "user": "u1", "reasoning_effort": "low",
+            "parallel_tool_calls": False, "response_format": {"type": "text"}, "tools": [], "logit_bias": {},
+            "chat_template_kwargs": {"enable_thinking": False}, "my_framework_key": [1, 2]}
+    r = post(served, "chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny"  # model "" is the served model
+    assert post(served, "chat/completions", {**body, "response_format": None}).status_code == 200
+    log = served[1].output()
+    for name in ("store", "metadata", "reasoning_effort", "parallel_tool_calls", "my_framework_key",
+                 "messages[0].cache_control", "messages[1].content[0].extra"):
+        assert name in log.split("ignored fields it does not use:")[-1], name
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported by vlserve yet"),
+    ({"response_format": {"type": "json_object"}}, "response_format json_object is not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "json_schema"),
+    ({"logit_bias": {"42": 5.0}}, "logit_bias is not supported"),
+    ({"guided_json": {"type": "object"}}, "guided_json is not supported"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice is not supported"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed with stream: true"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}]},
+     "image_url"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "role"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs may not set"),
+])
+def test_what_would_change_the_answer_is_refused_with_what_to_change(served, extra, says):
+    r = post(served, "chat/completions", {"messages": HELLO, "max_tokens": 1, **extra})
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_seeds_at_the_int64_bounds_are_taken(served):
+    for seed in (2**63 - 1, -(2**63)):
+        assert post(served, "chat/completions", {"messages": HELLO, "max_tokens": 1, "seed": seed}).status_code == 200
+
+
+def test_developer_is_the_system_role(client):
+    def greedy(role):
+        messages = [{"role": role, "content": "Answer in French."}, *HELLO]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    system, developer = greedy("system"), greedy("developer")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+
+
+def raw_chunks(served, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{served[0]}/v1/{path}", json={**body, "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_stream_chunks_carry_null_keys_until_set(served):
+    """Code reading the raw JSON (not a client library) looks up finish_reason and logprobs in every chunk."""
+    chunks = raw_chunks(served, "chat/completions", {"messages": HELLO, "max_tokens": 3, "ignore_eos": True})
+    choices = [c["choices"][0] for c in chunks]
+    assert all("finish_reason" in c and "logprobs" in c for c in choices)
+    assert [c["finish_reason"] for c in choices][:-1] == [None] * (len(choices) - 1)
+    assert choices[-1]["finish_reason"] == "length" and choices[0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["delta"] for c in choices[1:]) and all("usage" not in c for c in chunks)
+    chunks = raw_chunks(served, "completions", {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+    assert all("finish_reason" in c["choices"][0] and "logprobs" in c["choices"][0] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_completion_logprobs_hold_the_sampled_token(client, n):
+    """logprobs: N gives the N most likely tokens plus the sampled one, as OpenAI's legacy API does."""
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, logprobs=n,
+                                  temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == pytest.approx(chosen)
+        assert max(n, 1) <= len(top) <= n + 1 or n == 0 and len(top) == 1
+
+
+def test_images_in_chat_still_work_with_extra_keys(client):
+    part = {**image_url(56, 56, 3), "detail": "low"}
+    messages = [{"role": "user", "content": [part, text("What is it?")]}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"store": True})
+    assert r.choices[0].finish_reason in ("length", "stop")
