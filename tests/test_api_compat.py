@@ -19,10 +19,11 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def served(tiny_ckpt):
-    """A server whose key comes from vLLM's variable alone."""
+    """A server whose key comes from vLLM's variable alone, behind a (notional) proxy at /proxied."""
     env = {k: v for k, v in os.environ.items() if k != "VLSERVE_API_KEY"}
     with mock.patch.dict(os.environ, {**env, "VLLM_API_KEY": KEY}, clear=True):
-        with live_server(tiny_ckpt, "--max-model-len", "512", "--served-model-name", "tiny") as (base, proc):
+        with live_server(tiny_ckpt, "--max-model-len", "512", "--served-model-name", "tiny",
+                         "--root-path", "/proxied") as (base, proc):
             yield base, proc
 
 
@@ -32,7 +33,8 @@ def client(served):
 
 
 def post(served, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{served[0]}/v1/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    url = f"{served[0]}/{path.removeprefix('../')}" if path.startswith("../") else f"{served[0]}/v1/{path}"
+    return httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
 def test_vllm_api_key_guards_the_api(served):
@@ -129,3 +131,39 @@ def test_images_in_chat_still_work_with_extra_keys(client):
     messages = [{"role": "user", "content": [part, text("What is it?")]}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"store": True})
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_tokenize_counts_what_a_request_would_run(served, client):
+    messages = [{"role": "user", "content": [image_url(112, 84, 1), text("What is this?")]}]
+    r = post(served, "../tokenize", {"model": "tiny", "messages": messages, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) == chat.usage.prompt_tokens
+    assert body["max_model_len"] == 512 and body["token_strs"][0] == "<|im_start|>"
+    plain = post(served, "../tokenize", {"prompt": "Hello world"}).json()
+    assert post(served, "../detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": "Hello world"}
+    assert plain["token_strs"] is None
+
+
+@pytest.mark.parametrize("path, body, says", [
+    ("../tokenize", {"prompt": "a", "messages": HELLO}, "either prompt"),
+    ("../tokenize", {}, "either prompt"),
+    ("../tokenize", {"prompt": "a", "model": "other"}, "not served here"),
+    ("../detokenize", {"tokens": [1, -1, 10**9]}, "are not ids of this model's vocabulary"),
+])
+def test_tokenize_refusals(served, path, body, says):
+    r = post(served, path, body)
+    assert r.status_code in (400, 404) and says in r.json()["error"]["message"], r.text
+
+
+def test_ping_root_path_and_the_key_on_tokenize(served):
+    """--root-path as vLLM (and uvicorn) mean it: the prefix a reverse proxy strips before passing requests on."""
+    base, _ = served
+    for method in ("GET", "POST"):
+        assert httpx.request(method, f"{base}/ping", timeout=30).json() == {"status": "ok"}
+    assert httpx.post(f"{base}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+    # the proxy strips --root-path (every other test here reaches the routes without it); the API's own links
+    # carry it, and the key still guards what the prefix is stripped from
+    assert httpx.get(f"{base}/openapi.json", timeout=30).json()["servers"] == [{"url": "/proxied"}]
+    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401

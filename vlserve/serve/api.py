@@ -26,8 +26,10 @@ from vlserve.serve.errors import ModelNotFoundError, OverloadedError, status_of
 from vlserve.serve.metrics import Metrics
 from vlserve.serve.middleware import MIB, ApiKeyMiddleware, BodyLimitMiddleware
 from vlserve.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_json, ignored_fields, new_id,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse, error_json, ignored_fields, new_id,
 )
+from vlserve.engine.sampling_params import SamplingParams
 from vlserve.serve.responses import (
     TokenText, chat_response, chat_stream, collect, completion_response, completion_stream,
 )
@@ -86,6 +88,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def any_error(_: Request, e: Exception):
         return error_response(e)
 
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) liveness probe: /health's answer
     @app.get("/health")
     async def health():
         if not engine.is_alive:
@@ -138,7 +141,27 @@ def build_app(state: ServerState) -> FastAPI:
                                                                     token_text).model_dump_json())
             return Response(body, media_type="application/json")
 
-    app.openapi = lambda: openapi_with_bodies(app, (ChatCompletionRequest, CompletionRequest))
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(raw: Request):
+        req = await parsed(engine, raw, TokenizeRequest)
+        check_model(req.model, state)
+        ids = (await engine.process(prompt_tokens, engine, req)).prompt_token_ids
+        strs = await engine.process(engine.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.capacity.max_model_len, tokens=ids,
+                                token_strs=strs)
+
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(raw: Request):
+        req = await parsed(engine, raw, DetokenizeRequest)
+        check_model(req.model, state)
+        vocab = len(engine.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"tokens {bad[:5]} are not ids of this model's vocabulary (0 to {vocab - 1})")
+        return DetokenizeResponse(prompt=await engine.process(engine.tokenizer.decode, req.tokens))
+
+    app.openapi = lambda: openapi_with_bodies(app, (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
+                                                    DetokenizeRequest))
     return app
 
 
@@ -184,6 +207,17 @@ def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs,
                               req.add_generation_prompt, req.chat_template_kwargs)
+
+
+def prompt_tokens(engine: AsyncEngine, req: TokenizeRequest):
+    """The prompt a chat or completions request with these fields would run, through the same input processor
+    (a prompt over --max-model-len is refused as it would be there)."""
+    params = SamplingParams(max_tokens=1)
+    if req.prompt is not None:
+        return engine.inputs.prompt(new_id("tok"), req.prompt, params)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    return engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs, req.add_generation_prompt,
+                              req.chat_template_kwargs)
 
 
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):

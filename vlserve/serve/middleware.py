@@ -5,7 +5,7 @@ Pure ASGI (not Starlette's BaseHTTPMiddleware, whose receive never reports a dis
 (lifespan, websocket) through untouched, and pass the app the server's own `receive` wherever they can.
 
 Contracts:
-- ApiKeyMiddleware: with a key configured, an http request whose path starts with `guarded_prefix` needs
+- ApiKeyMiddleware: with a key configured, an http request whose path (less --root-path) starts with one of `guarded` needs
   `Authorization: Bearer <key>` (scheme case-insensitive, whitespace around tolerated, the key compared in
   constant time); otherwise 401 with OpenAI's error JSON and the app is not called.
 - BodyLimitMiddleware: a request body over `max_bytes` gets 413 with OpenAI's error JSON, exactly one
@@ -52,14 +52,17 @@ def bearer_token(value: bytes | None) -> bytes | None:
     return parts[1].strip()
 
 
+GUARDED = ("/v1", "/tokenize", "/detokenize")  # what the key guards: everything that runs the model or its inputs
+
+
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, guarded_prefix: str = "/v1"):
+    def __init__(self, app: ASGIApp, api_key: str | None, guarded: tuple[str, ...] = GUARDED):
         self.app = app
         self.key = api_key.encode() if api_key else None
-        self.guarded_prefix = guarded_prefix
+        self.guarded = guarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or not scope["path"].startswith(self.guarded_prefix):
+        if self.key is None or scope["type"] != "http" or not route_path(scope).startswith(self.guarded):
             return await self.app(scope, receive, send)
         token = bearer_token(header(scope, b"authorization"))
         if token is not None and hmac.compare_digest(token, self.key):  # constant time
@@ -67,6 +70,12 @@ class ApiKeyMiddleware:
         response = JSONResponse(error_json(401, AUTH_MESSAGE, "authentication_error"), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes: without --root-path's prefix, whether the proxy in front stripped it or not."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def size_text(n: int) -> str:

@@ -157,6 +157,41 @@ class CompletionRequest(SamplingFields):
     echo: Literal[False] = False
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a prompt (as completions takes it) or chat messages (as chat takes them, media
+    included: each image or video counts as the tokens it becomes)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, float] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a string) or messages (a chat), not both or neither")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ---- responses ----
 class Usage(BaseModel):
     prompt_tokens: int

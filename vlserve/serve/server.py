@@ -33,6 +33,8 @@ def add_serve_args(sub) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers before it is closed")
     p.add_argument("--disable-ui", action="store_true", help="do not mount the chat page at /ui")
+    p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves vlserve under (e.g. /llm), "
+                   "for the API's own links")
     p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (the access log is at info)")
     add_engine_args(p)
     p.set_defaults(func=run_serve)
@@ -87,6 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
         mount_ui(app, api_base=f"{root}/v1", api_key=args.api_key, model=name)
     log.info("serving %r: OpenAI API at %s/v1%s", name, root, "" if args.disable_ui else f", chat page at {root}/ui")
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                           root_path=args.root_path,
                                            timeout_graceful_shutdown=FLUSH_S,
                                            http=protocol_class(args.header_timeout)))
     # uvicorn re-raises a signal it handled to the handler it found; a no-op there lets us shut the engine down
