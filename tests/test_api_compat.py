@@ -167,3 +167,34 @@ def test_ping_root_path_and_the_key_on_tokenize(served):
     # carry it, and the key still guards what the prefix is stripped from
     assert httpx.get(f"{base}/openapi.json", timeout=30).json()["servers"] == [{"url": "/proxied"}]
     assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+
+
+def test_continuous_usage_stats_count_as_they_go(served):
+    body = {"messages": HELLO, "max_tokens": 4, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = raw_chunks(served, "chat/completions", body)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 4 and chunks[-1]["choices"] == []
+    assert len({c["usage"]["prompt_tokens"] for c in chunks[1:]}) == 1
+    chunks = raw_chunks(served, "completions", {**body, "prompt": "Hi", "messages": None})
+    assert all("usage" in c for c in chunks) and chunks[-1]["usage"]["completion_tokens"] == 4
+    body["stream_options"] = {"include_usage": False, "continuous_usage_stats": True}  # as vLLM: needs include_usage
+    assert all("usage" not in c for c in raw_chunks(served, "chat/completions", body))
+
+
+def test_tokens_as_ids_and_a_continued_final_message(client, served):
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert all(t.startswith("token_id:") for t in r.choices[0].logprobs.tokens)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=2,
+                                       extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert all(t.token.startswith("token_id:") for t in r.choices[0].logprobs.content)
+    ongoing = [*HELLO, {"role": "assistant", "content": "Bonjour, je"}]
+    body = {"messages": ongoing, "return_token_strs": True}
+    refused = post(served, "../tokenize", {**body, "continue_final_message": True})  # add_generation_prompt is on
+    assert refused.status_code == 400 and "set add_generation_prompt to false" in refused.text
+    opened = post(served, "../tokenize", {**body, "add_generation_prompt": False, "continue_final_message": True})
+    assert "".join(opened.json()["token_strs"][-3:]).endswith("je")
+    r = post(served, "chat/completions", {"messages": ongoing, "max_tokens": 2, "add_generation_prompt": False,
+                                          "continue_final_message": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == opened.json()["count"]

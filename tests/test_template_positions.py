@@ -28,7 +28,7 @@ from vlserve.errors import ConfigError, InvalidRequestError, MediaError
 from vlserve.media.item import MediaItem
 from vlserve.media.positions import mrope_positions
 from vlserve.media.template import (
-    check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
+    Rendering, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
 )
 from vlserve.model.tiny import TinySpec, make_tiny
 
@@ -183,10 +183,14 @@ def test_prompt_matches_transformers_processor(tiny_ckpt, tokenizer, cfg, hf_mod
 
 def test_generation_prompt_is_optional(processor, tokenizer):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    without = chat_prompt(processor, messages, add_generation_prompt=False).token_ids
+    without = chat_prompt(processor, messages, rendering=Rendering(add_generation_prompt=False)).token_ids
     with_ = chat_prompt(processor, messages).token_ids
     assert with_[: len(without)] == without
     assert tokenizer.decode(with_[len(without):]) == "<|im_start|>assistant\n"
+    open_ = chat_prompt(processor, messages, rendering=Rendering(False, continue_final_message=True)).token_ids
+    assert tokenizer.decode(open_).endswith("<|im_start|>assistant\nHello")  # the model goes on from "Hello"
+    with pytest.raises(InvalidRequestError, match="set add_generation_prompt to false to continue"):
+        Rendering(continue_final_message=True)
 
 
 def test_part_pixel_limits_are_honoured(processor):

@@ -22,7 +22,7 @@ from vlserve.errors import InvalidRequestError
 from vlserve.inputs import InputProcessor
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
-from vlserve.media.template import load_tokenizer
+from vlserve.media.template import Rendering, load_tokenizer
 from vlserve.plan.preflight import settle
 
 
@@ -68,7 +68,8 @@ class LLM:
         """OpenAI-format messages (text, image_url, video_url parts), or a list of conversations."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self.params_per_prompt(sampling_params, len(conversations))
-        return self.run([self.inputs.chat(self.new_id(), c, p, add_generation_prompt=add_generation_prompt)
+        rendering = Rendering(add_generation_prompt=add_generation_prompt)
+        return self.run([self.inputs.chat(self.new_id(), c, p, rendering=rendering)
                          for c, p in zip(conversations, params)], use_tqdm)
 
     def prompt_request(self, prompt: Any, params: SamplingParams) -> EngineRequest:

@@ -23,7 +23,7 @@ from vlserve.media.item import MediaItem
 from vlserve.media.options import grid_tokens
 from vlserve.media.positions import mrope_positions
 from vlserve.media.template import (
-    MediaRef, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
+    MediaRef, Rendering, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
 )
 
 MODALITIES = ("image", "video")
@@ -47,13 +47,12 @@ class InputProcessor:
         return cls(config, cfg, load_tokenizer(config.model), capacity)
 
     def chat(self, request_id: str, messages: Any, params: SamplingParams, mm_kwargs: dict | None = None,
-             add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> EngineRequest:
-        """OpenAI/Qwen-style messages (text, image_url, video_url, image, video parts); `template_kwargs` are
-        variables for the chat template (vLLM's chat_template_kwargs)."""
+             rendering: Rendering = Rendering()) -> EngineRequest:
+        """OpenAI/Qwen-style messages (text, image_url, video_url, image, video parts), rendered as `rendering`
+        says."""
         chat, refs = parse_messages(messages, self.model_config)
         return self.build(request_id, params, refs, mm_kwargs, text_chars(chat),
-                          lambda: render_chat(self.tokenizer, self.model_config, chat, add_generation_prompt,
-                                              template_kwargs))
+                          lambda: render_chat(self.tokenizer, self.model_config, chat, rendering))
 
     def prompt(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                multi_modal_data: dict | None = None, mm_kwargs: dict | None = None) -> EngineRequest:

@@ -38,6 +38,24 @@ PART_OPTIONS = ("min_pixels", "max_pixels")  # per item; videos map them to vide
 
 
 @dataclass(frozen=True)
+class Rendering:
+    """How a chat becomes a prompt: a generation prompt after it (the assistant's turn opened), or the final
+    message left open for the model to continue (vLLM's continue_final_message), and the template's variables."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict | None = None
+
+    def __post_init__(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequestError("continue_final_message continues the last message, add_generation_prompt "
+                                      "opens a new one: set add_generation_prompt to false to continue")
+        taken = sorted(set(self.template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: those are the "
+                                      "request's own fields (messages, add_generation_prompt, ...)")
+
+
+@dataclass(frozen=True)
 class MediaRef:
     """One media part found in the messages, before fetching."""
     modality: Literal["image", "video"]
@@ -62,20 +80,17 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
 
 
 def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, chat: list[dict],
-                add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+                rendering: Rendering = Rendering()) -> list[int]:
     """Token ids of `chat` (from parse_messages) rendered with the checkpoint's chat template: one placeholder pad
-    per media item, not expanded yet. `template_kwargs` become the template's variables."""
-    taken = sorted(set(template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
-    if taken:
-        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: those are the request's "
-                                  "own fields (messages, add_generation_prompt, ...)")
+    per media item, not expanded yet."""
     if not tokenizer.chat_template:
         raise InvalidRequestError(f"the checkpoint {Path(cfg.path).name!r} has no chat template, so it cannot serve "
                                   "chat requests; send a plain prompt to the completions endpoint instead")
     try:
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **(template_kwargs or {}))
-    except jinja2.TemplateError as e:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=rendering.add_generation_prompt,
+                                             continue_final_message=rendering.continue_final_message,
+                                             **(rendering.template_kwargs or {}))
+    except (jinja2.TemplateError, ValueError) as e:  # ValueError: no final message text to continue
         raise InvalidRequestError(f"the model's chat template refused these messages: {e}") from e
     # The template already wrote every special token; adding more (a BOS) would differ from training.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

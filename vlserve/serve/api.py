@@ -56,7 +56,6 @@ def build_app(state: ServerState) -> FastAPI:
     engine = state.engine
     defaults = sampling_defaults(engine.config.model)
     metrics = Metrics(engine, state.served_model_name)
-    token_text = TokenText(engine.tokenizer)
     app.state.vlserve = state
     # Pure ASGI middlewares (under Starlette's BaseHTTPMiddleware a disconnect was never seen); the key is
     # checked before any body is read.
@@ -116,9 +115,9 @@ def build_app(state: ServerState) -> FastAPI:
         with admitted(state):
             # no local name keeps the request (and its pixels) alive in this frame while it runs
             stream = metrics.track(engine.generate(await engine.process(chat_request, engine, req, defaults)))
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
-                return sse_response(chat_stream(stream, state.served_model_name, req.n, include_usage,
+                return sse_response(chat_stream(stream, state.served_model_name, req.n, req.stream_options,
                                                 token_text))
             (final,) = await until_disconnect(collect([stream]), raw)
             body = await engine.process(lambda: chat_response(final, state.served_model_name,
@@ -132,9 +131,9 @@ def build_app(state: ServerState) -> FastAPI:
         with admitted(state):
             streams = [metrics.track(engine.generate(r))
                        for r in await engine.process(completion_requests, engine, req, defaults)]
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
-                return sse_response(completion_stream(streams, state.served_model_name, req.n, include_usage,
+                return sse_response(completion_stream(streams, state.served_model_name, req.n, req.stream_options,
                                                       token_text))
             finals = await until_disconnect(collect(streams), raw)
             body = await engine.process(lambda: completion_response(finals, state.served_model_name, req.n,
@@ -205,8 +204,7 @@ def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict
     params = sampling_params(req, defaults, req.max_completion_tokens or req.max_tokens,
                              (req.top_logprobs or 0) if req.logprobs else None)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs,
-                              req.add_generation_prompt, req.chat_template_kwargs)
+    return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs, req.rendering())
 
 
 def prompt_tokens(engine: AsyncEngine, req: TokenizeRequest):
@@ -216,8 +214,7 @@ def prompt_tokens(engine: AsyncEngine, req: TokenizeRequest):
     if req.prompt is not None:
         return engine.inputs.prompt(new_id("tok"), req.prompt, params)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs, req.add_generation_prompt,
-                              req.chat_template_kwargs)
+    return engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs, req.rendering())
 
 
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlserve.media.template import Rendering
+
 INT64 = 2**63  # seeds are int64 in vLLM's and OpenAI's schema
 NOT_YET = ("{field} is not supported by vlserve yet, and ignoring it would change the answer; drop it from the "
            "request")
@@ -68,6 +70,7 @@ class Message(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # with include_usage: every chunk carries the usage so far (vLLM's)
 
 
 class SamplingFields(Strict):
@@ -90,6 +93,7 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:42" (vLLM's), for bytes no text holds
     user: str | None = None  # accepted for client compatibility; not used
     logit_bias: dict[str, float] | None = None
 
@@ -129,15 +133,24 @@ class ResponseFormat(Strict):
         return value
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatFields(Strict):
+    """How chat and /tokenize requests render their messages."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (e.g. its own switches)
+
+    def rendering(self) -> Rendering:
+        return Rendering(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
+
+
+class ChatCompletionRequest(SamplingFields, ChatFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
     mm_processor_kwargs: dict[str, float] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (e.g. its own switches)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -157,15 +170,13 @@ class CompletionRequest(SamplingFields):
     echo: Literal[False] = False
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(ChatFields):
     """vLLM's /tokenize: a prompt (as completions takes it) or chat messages (as chat takes them, media
     included: each image or video counts as the tokens it becomes)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, float] | None = None
     return_token_strs: bool = False
 

@@ -11,8 +11,8 @@ from vlserve.engine.sampler import Logprob
 from vlserve.serve.errors import status_of
 from vlserve.serve.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
-    CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage, TokenLogprob, TopLogprob, Usage,
-    error_json, new_id,
+    CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage, StreamOptions, TokenLogprob, TopLogprob,
+    Usage, error_json, new_id,
 )
 
 
@@ -33,13 +33,17 @@ def sse(payload) -> str:
 
 
 class TokenText:
-    """Token ids -> the strings OpenAI's logprobs carry (decoded text and its UTF-8 bytes)."""
+    """Token ids -> the strings OpenAI's logprobs carry (decoded text and its UTF-8 bytes), or with `as_ids`
+    "token_id:42" (vLLM's return_tokens_as_token_ids)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, as_ids: bool = False):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.tokenizer.decode([token_id])
 
     def top(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self.tokenizer.decode([token_id])
+        text = self.text(token_id)
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
     def chat(self, token_ids: list[int], logprobs: list[Logprob] | None) -> ChoiceLogprobs | None:
@@ -59,10 +63,10 @@ class TokenText:
             return None
         tokens, chosen, top, offsets = [], [], [], []
         for token_id, lp in zip(token_ids, logprobs):
-            text = self.tokenizer.decode([token_id])
+            text = self.text(token_id)
             tokens.append(text)
             chosen.append(lp.logprob)
-            top.append({self.tokenizer.decode([t]): p for t, p in lp.top} | {text: lp.logprob})
+            top.append({self.text(t): p for t, p in lp.top} | {text: lp.logprob})
             offsets.append(offset)
             offset += len(text)
         return CompletionLogprobs(tokens=tokens, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
@@ -135,19 +139,27 @@ def completion_response(finals: list[RequestOutput], model: str, n: int, token_t
     return CompletionResponse(model=model, choices=choices, usage=usage(prompt_tokens, completion, cached))
 
 
-async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, include_usage: bool,
+def usage_modes(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(usage at the end, usage in every chunk): stream_options.include_usage, and continuous_usage_stats with it."""
+    final = bool(options and options.include_usage)
+    return final, final and options.continuous_usage_stats
+
+
+async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, options: StreamOptions | None,
                       token_text: TokenText) -> AsyncIterator[str]:
     """SSE: a role chunk per choice, content deltas, a finish chunk per choice, optional usage, [DONE]."""
     rid, created = new_id("chatcmpl"), int(time.time())
+    final_usage, every_chunk = usage_modes(options)
+    prompt_tokens = completion = cached = 0
 
-    def chunk(choices, **usage_) -> str:
+    def chunk(choices, last: bool = False) -> str:
+        shown = {"usage": usage(prompt_tokens, completion, cached)} if last or every_chunk else {}
         return sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
-                                       choices=choices, **usage_))
+                                       choices=choices, **shown))
 
     for i in range(n):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""), logprobs=None,
                                      finish_reason=None)])
-    prompt_tokens = completion = cached = 0
     try:
         async for _, delta in merged([stream]):
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
@@ -160,32 +172,34 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
     except Exception as e:  # the engine failed or refused mid-stream: tell the client in-band, then end
         yield sse(error_event(e))
     else:
-        if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, completion, cached))
+        if final_usage:
+            yield chunk([], last=True)
     yield "data: [DONE]\n\n"
 
 
-async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: str, n: int, include_usage: bool,
-                            token_text: TokenText) -> AsyncIterator[str]:
+async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: str, n: int,
+                            options: StreamOptions | None, token_text: TokenText) -> AsyncIterator[str]:
     rid, created = new_id("cmpl"), int(time.time())
-    prompt_tokens = completion = cached = 0
+    final_usage, every_chunk = usage_modes(options)
+    prompts, cached, completion = {}, {}, 0  # per prompt (stream index)
+
+    def chunk(choices, last: bool = False) -> str:
+        counts = usage(sum(prompts.values()), completion, sum(cached.values()))
+        return sse(CompletionResponse(id=rid, object="text_completion", created=created, model=model,
+                                      choices=choices, **({"usage": counts} if last or every_chunk else {})))
+
     try:
         async for i, delta in merged(streams):
+            prompts[i], cached[i] = len(delta.prompt_token_ids), delta.num_cached_tokens
             for o in delta.outputs:
                 completion += len(o.token_ids)
-                choice = CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
-                                          logprobs=token_text.completion(o.token_ids, o.logprobs, 0))
-                yield sse(CompletionResponse(id=rid, object="text_completion", created=created, model=model,
-                                             choices=[choice]))
-            if delta.finished:
-                prompt_tokens += len(delta.prompt_token_ids)
-                cached += delta.num_cached_tokens
+                yield chunk([CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
+                                              logprobs=token_text.completion(o.token_ids, o.logprobs, 0))])
     except Exception as e:  # the engine failed mid-stream: tell the client in-band, then end
         yield sse(error_event(e))
     else:
-        if include_usage:
-            yield sse(CompletionResponse(id=rid, object="text_completion", created=created, model=model,
-                                         choices=[], usage=usage(prompt_tokens, completion, cached)))
+        if final_usage:
+            yield chunk([], last=True)
     yield "data: [DONE]\n\n"
 
 
