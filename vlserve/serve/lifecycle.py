@@ -3,7 +3,8 @@
 The drain: on SIGTERM (or Ctrl-C) new requests get 503 while running ones go on for up to --shutdown-timeout
 seconds; any still open then end with an error (a stream's last event, then [DONE]; a non-streaming request its
 503), and uvicorn closes the connections once those last bytes are out (FLUSH_S at most). A second signal stops
-at once. Exit codes: 0 after a drain, 1 when the engine died (so a supervisor restarts) or the server could not
+at once. When the engine dies, open requests get their error and the server answers 503 for DEATH_GRACE_S before
+it exits. Exit codes: 0 after a drain, 1 when the engine died (so a supervisor restarts) or the server could not
 start (the port taken).
 """
 
@@ -20,6 +21,16 @@ from vlserve.serve.errors import OverloadedError
 log = logging.getLogger("vlserve.serve")
 WATCH_S = 0.1  # how often the server looks at its engine and its drain
 FLUSH_S = 5.0  # after the drain: time the last events have to reach the clients
+DEATH_GRACE_S = 1.0  # after the engine died and every request has its error: /health says 503 this long
+
+
+async def last_words(engine) -> None:
+    """Before a dead engine's server exits: every open request gets its error (streams their last event), and
+    /health and new requests answer 503 for a moment, so clients and load balancers see why the server goes."""
+    deadline = time.monotonic() + FLUSH_S
+    while engine.num_unfinished and time.monotonic() < deadline:
+        await asyncio.sleep(WATCH_S)
+    await asyncio.sleep(DEATH_GRACE_S)
 
 
 class DrainingServer(uvicorn.Server):
@@ -42,6 +53,8 @@ async def serve_until_done(server: uvicorn.Server, state: ServerState, drain_tim
             engine = state.engine
             if not engine.is_alive:
                 log.error("the engine died (%r); shutting down so a supervisor can restart", engine.error)
+                state.draining = True
+                await last_words(engine)
                 server.should_exit = True
                 return 1
             if getattr(server, "drain_requested", False) and deadline is None:
