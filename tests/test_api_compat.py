@@ -198,3 +198,65 @@ def test_tokens_as_ids_and_a_continued_final_message(client, served):
     r = post(served, "chat/completions", {"messages": ongoing, "max_tokens": 2, "add_generation_prompt": False,
                                           "continue_final_message": True})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == opened.json()["count"]
+
+
+VLLM_FAMILIES = ("time_to_first_token_seconds", "inter_token_latency_seconds", "time_per_output_token_seconds",
+                 "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens", "request_params_n", "request_params_max_tokens",
+                 "iteration_tokens_total", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens",
+                 "generation_tokens", "request_success", "cache_config_info")
+
+
+def has_family(text_: str, name: str) -> bool:
+    """A TYPE line for `name` (counters' may read name_total, as prometheus_client writes vLLM's too)."""
+    return any(line.split()[2] in (name, name + "_total") for line in text_.splitlines() if line.startswith("# TYPE"))
+
+
+def samples(text_: str, name: str) -> dict[str, float]:
+    """{label text: value} of one sample name in Prometheus' text format."""
+    found = {}
+    for line in text_.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name):].rpartition(" ")
+            found[labels] = float(value)
+    return found
+
+
+def test_metrics_have_vllms_families_and_count_right(served, client):
+    before = httpx.get(f"{served[0]}/metrics", timeout=30).text
+    client.completions.create(model="tiny", prompt="Count me", max_tokens=5, n=3, extra_body={"ignore_eos": True})
+    text_ = httpx.get(f"{served[0]}/metrics", timeout=30).text
+    for family in VLLM_FAMILIES:
+        assert has_family(text_, f"vlserve:{family}"), family
+
+    def total(name):
+        return sum(samples(text_, name).values()) - sum(samples(before, name).values())
+    assert total("vlserve:request_params_n_count") == 1 and total("vlserve:request_params_n_sum") == 3
+    assert total("vlserve:request_params_max_tokens_sum") == 5
+    assert total("vlserve:request_generation_tokens_sum") == 15
+    assert total("vlserve:iteration_tokens_total_count") >= 5  # a prefill, then a step per token
+    assert total("vlserve:time_per_output_token_seconds_count") == 1
+    info = samples(text_, "vlserve:cache_config_info")
+    assert len(info) == 1 and 'block_size="16"' in next(iter(info)) and list(info.values()) == [1.0]
+
+
+def test_metrics_prefix_vllm_names_them_as_vllm_does(tiny_ckpt):
+    import asyncio
+
+    from vlserve.config import EngineConfig
+    from vlserve.engine.async_engine import AsyncEngine
+    from vlserve.serve.api import ServerState, build_app
+
+    engine = AsyncEngine(EngineConfig(model=str(tiny_ckpt), device="cpu", kv_cache_memory_gib=0.1), progress=False)
+    try:
+        app = build_app(ServerState(engine, "tiny", None, 8, metrics_prefix="vllm"))
+
+        async def scrape():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://x") as c:
+                return (await c.get("/metrics")).text
+        text_ = asyncio.run(scrape())
+    finally:
+        engine.shutdown()
+    assert all(has_family(text_, f"vllm:{family}") for family in VLLM_FAMILIES) and "vlserve:" not in text_

@@ -21,7 +21,7 @@ import torch
 from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, SchedulerConfig, resolve_dtype
 from vlserve.distributed.executor import make_runner
 from vlserve.engine.block_manager import BlockManager
-from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineStats
+from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineStats, IterationTokens
 from vlserve.engine.scheduler import ScheduledSeq, Scheduler
 from vlserve.engine.sequence import Sequence, SequenceStatus
 from vlserve.engine.stop import check_stop
@@ -62,6 +62,7 @@ class EngineCore:
         self.depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else 1 + self.async_scheduling
         self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
         self.requests: dict[str, list[Sequence]] = {}  # unfinished samples of each request
+        self.iteration_tokens = IterationTokens()  # tokens of each step submitted: /metrics' iteration_tokens
         self.log_capacity(num_blocks)
 
     def can_schedule_async(self, config: EngineConfig) -> bool:
@@ -123,7 +124,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         bm, s = self.block_manager, self.scheduler
         return EngineStats(s.num_running, s.num_waiting, bm.usage, bm.num_free_blocks, bm.num_blocks, bm.queries,
-                           bm.hits, s.num_preemptions)
+                           bm.hits, s.num_preemptions, self.iteration_tokens)
 
     def shutdown(self) -> None:
         """Stops the workers and lets go of the weights, KV cache and CUDA graphs, so the next engine in this
@@ -155,6 +156,7 @@ class EngineCore:
         for item in scheduled:
             item.seq.scheduled_time = item.seq.scheduled_time or now
             item.seq.in_flight += 1
+        self.iteration_tokens.add(sum(item.num_new_tokens for item in scheduled))
         return scheduled, self.runner.submit(scheduled, departed)
 
     def complete(self, batch) -> list[CoreOutput]:

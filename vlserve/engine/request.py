@@ -6,6 +6,7 @@ schedules it without checking again; the core reports tokens and the stops it de
 max_model_len); stop strings, text and logprob text are the output processor's.
 """
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +53,22 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    iteration_tokens: "IterationTokens" = field(default_factory=lambda: IterationTokens())
+
+
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass
+class IterationTokens:
+    """Tokens per engine step since the start, as a histogram: counts[i] steps of at most
+    ITERATION_TOKEN_BUCKETS[i] tokens (and above the one before); the last count, above them all."""
+    counts: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
+    total: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.counts[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
+        self.total += tokens
 
 
 @dataclass

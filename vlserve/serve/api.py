@@ -47,6 +47,7 @@ class ServerState:
     api_key: str | None
     max_pending_requests: int  # running + waiting; beyond it requests get 503 and Retry-After
     max_request_body_mib: float = 32.0
+    metrics_prefix: str = "vlserve"  # vllm: the families under vLLM's names, for its dashboards
     pending: int = 0
     draining: bool = False
 
@@ -55,7 +56,11 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="vlserve", version=__version__)
     engine = state.engine
     defaults = sampling_defaults(engine.config.model)
-    metrics = Metrics(engine, state.served_model_name)
+    metrics = Metrics(engine, state.served_model_name, state.metrics_prefix)
+
+    def tracked(request):
+        """The engine's delta stream for `request`, observed by the metrics (and holding the request alone)."""
+        return metrics.track(engine.generate(request), request.params.n, request.max_tokens)
     app.state.vlserve = state
     # Pure ASGI middlewares (under Starlette's BaseHTTPMiddleware a disconnect was never seen); the key is
     # checked before any body is read.
@@ -114,7 +119,7 @@ def build_app(state: ServerState) -> FastAPI:
         check_model(req.model, state)
         with admitted(state):
             # no local name keeps the request (and its pixels) alive in this frame while it runs
-            stream = metrics.track(engine.generate(await engine.process(chat_request, engine, req, defaults)))
+            stream = tracked(await engine.process(chat_request, engine, req, defaults))
             token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
                 return sse_response(chat_stream(stream, state.served_model_name, req.n, req.stream_options,
@@ -129,8 +134,7 @@ def build_app(state: ServerState) -> FastAPI:
         req = await parsed(engine, raw, CompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            streams = [metrics.track(engine.generate(r))
-                       for r in await engine.process(completion_requests, engine, req, defaults)]
+            streams = [tracked(r) for r in await engine.process(completion_requests, engine, req, defaults)]
             token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
                 return sse_response(completion_stream(streams, state.served_model_name, req.n, req.stream_options,

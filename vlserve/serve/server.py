@@ -33,6 +33,8 @@ def add_serve_args(sub) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers before it is closed")
     p.add_argument("--disable-ui", action="store_true", help="do not mount the chat page at /ui")
+    p.add_argument("--metrics-prefix", choices=("vlserve", "vllm"), default="vlserve",
+                   help="the prefix of /metrics' families: vllm names them as vLLM does, for its Grafana dashboards")
     p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves vlserve under (e.g. /llm), "
                    "for the API's own links")
     p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (the access log is at info)")
@@ -80,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(config)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     state = ServerState(engine, name, args.api_key, engine.config.max_num_seqs + args.max_queued_requests,
-                        args.max_request_body_mib)
+                        args.max_request_body_mib, args.metrics_prefix)
     app = build_app(state)
     local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
     root = f"http://{'127.0.0.1' if local else args.host}:{args.port}"
