@@ -260,3 +260,15 @@ def test_metrics_prefix_vllm_names_them_as_vllm_does(tiny_ckpt):
     finally:
         engine.shutdown()
     assert all(has_family(text_, f"vllm:{family}") for family in VLLM_FAMILIES) and "vlserve:" not in text_
+
+
+def test_echo_puts_the_prompt_before_each_choice(client, served):
+    r = client.completions.create(model="tiny", prompt=["Once upon", "a time"], max_tokens=3, n=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    assert [c.text.startswith(("Once upon", "a time")[c.index // 2]) for c in r.choices] == [True] * 4
+    chunks = raw_chunks(served, "completions", {"prompt": "Once upon", "max_tokens": 3, "echo": True,
+                                                 "ignore_eos": True})
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert texts[0].startswith("Once upon") and not any(t.startswith("Once upon") for t in texts[1:])
+    refused = post(served, "completions", {"prompt": "x", "echo": True, "logprobs": 1})
+    assert refused.status_code == 400 and "echo with logprobs" in refused.text

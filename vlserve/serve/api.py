@@ -134,14 +134,16 @@ def build_app(state: ServerState) -> FastAPI:
         req = await parsed(engine, raw, CompletionRequest)
         check_model(req.model, state)
         with admitted(state):
-            streams = [tracked(r) for r in await engine.process(completion_requests, engine, req, defaults)]
+            requests, echoes = await engine.process(completion_requests, engine, req, defaults)
+            streams = [tracked(r) for r in requests]
+            del requests  # the streams hold them while they run, and no longer
             token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
                 return sse_response(completion_stream(streams, state.served_model_name, req.n, req.stream_options,
-                                                      token_text))
+                                                      token_text, echoes))
             finals = await until_disconnect(collect(streams), raw)
             body = await engine.process(lambda: completion_response(finals, state.served_model_name, req.n,
-                                                                    token_text).model_dump_json())
+                                                                    token_text, echoes).model_dump_json())
             return Response(body, media_type="application/json")
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
@@ -222,7 +224,8 @@ def prompt_tokens(engine: AsyncEngine, req: TokenizeRequest):
 
 
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):
-    """One EngineRequest per prompt (OpenAI allows a batch of prompts in one call), all checked before any runs."""
+    """One EngineRequest per prompt (OpenAI allows a batch of prompts in one call), all checked before any runs;
+    and per prompt the text its choices start with (the prompt's, with `echo`)."""
     params = sampling_params(req, defaults, req.max_tokens, req.logprobs)
     prompts = req.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -232,7 +235,9 @@ def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: d
     if len(prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidRequestError(f"{len(prompts)} prompts x n={req.n} asks for more than "
                                   f"{MAX_SEQUENCES_PER_REQUEST} sequences; split the batch")
-    return [engine.inputs.prompt(new_id("cmpl"), prompt, params) for prompt in prompts]
+    requests = [engine.inputs.prompt(new_id("cmpl"), prompt, params) for prompt in prompts]
+    echoes = [engine.tokenizer.decode(r.prompt_token_ids) if req.echo else "" for r in requests]
+    return requests, echoes
 
 
 def error_response(e: BaseException) -> JSONResponse:

@@ -167,7 +167,13 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt's text before each choice's (with logprobs it would need prompt logprobs)
+
+    @model_validator(mode="after")
+    def echo_without_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError(NOT_YET.format(field="echo with logprobs (the prompt's logprobs)"))
+        return self
 
 
 class TokenizeRequest(ChatFields):

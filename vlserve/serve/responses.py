@@ -126,15 +126,16 @@ def chat_response(final: RequestOutput, model: str, token_text: TokenText) -> Ch
                                   usage=usage(len(final.prompt_token_ids), completion, final.num_cached_tokens))
 
 
-def completion_response(finals: list[RequestOutput], model: str, n: int, token_text: TokenText
-                        ) -> CompletionResponse:
+def completion_response(finals: list[RequestOutput], model: str, n: int, token_text: TokenText,
+                        echoes: list[str]) -> CompletionResponse:
+    """`echoes`: per prompt, the text put before each of its choices (the prompt itself with `echo`, else "")."""
     choices, prompt_tokens, completion, cached = [], 0, 0, 0
     for i, final in enumerate(finals):  # OpenAI numbers choices prompt-major: prompt i, sample j -> i * n + j
         prompt_tokens += len(final.prompt_token_ids)
         cached += final.num_cached_tokens
         for o in final.outputs:
             completion += len(o.token_ids)
-            choices.append(CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
+            choices.append(CompletionChoice(index=i * n + o.index, text=echoes[i] + o.text, finish_reason=o.finish_reason,
                                             logprobs=token_text.completion(o.token_ids, o.logprobs, 0)))
     return CompletionResponse(model=model, choices=choices, usage=usage(prompt_tokens, completion, cached))
 
@@ -178,8 +179,11 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
 
 
 async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: str, n: int,
-                            options: StreamOptions | None, token_text: TokenText) -> AsyncIterator[str]:
+                            options: StreamOptions | None, token_text: TokenText, echoes: list[str]
+                            ) -> AsyncIterator[str]:
+    """SSE: with `echo`, each choice's first chunk opens with its prompt's text."""
     rid, created = new_id("cmpl"), int(time.time())
+    echoed: set[int] = set()
     final_usage, every_chunk = usage_modes(options)
     prompts, cached, completion = {}, {}, 0  # per prompt (stream index)
 
@@ -193,7 +197,10 @@ async def completion_stream(streams: list[AsyncIterator[RequestOutput]], model: 
             prompts[i], cached[i] = len(delta.prompt_token_ids), delta.num_cached_tokens
             for o in delta.outputs:
                 completion += len(o.token_ids)
-                yield chunk([CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
+                index = i * n + o.index
+                prefix = "" if index in echoed else echoes[i]
+                echoed.add(index)
+                yield chunk([CompletionChoice(index=index, text=prefix + o.text, finish_reason=o.finish_reason,
                                               logprobs=token_text.completion(o.token_ids, o.logprobs, 0))])
     except Exception as e:  # the engine failed mid-stream: tell the client in-band, then end
         yield sse(error_event(e))
