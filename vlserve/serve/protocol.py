@@ -19,7 +19,8 @@ NOT_YET = ("{field} is not supported by vlserve yet, and ignoring it would chang
            "request")
 
 
-class Strict(BaseModel):
+class RequestPart(BaseModel):
+    """A request body or a part of one: unknown fields kept (ignored_fields names them), NaN and Infinity refused."""
     # Python's JSON parser reads NaN and Infinity; no sampling or media parameter means anything with them
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -35,26 +36,26 @@ class Strict(BaseModel):
 
 
 # ---- requests ----
-class ImageURL(Strict):
+class ImageURL(RequestPart):
     url: str
     detail: Literal["auto", "low", "high"] | None = None  # accepted for client compatibility; no effect
 
 
-class VideoURL(Strict):
+class VideoURL(RequestPart):
     url: str
 
 
-class TextPart(Strict):
+class TextPart(RequestPart):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(Strict):
+class ImagePart(RequestPart):
     type: Literal["image_url"]
     image_url: ImageURL  # an object, as OpenAI's schema has it: a bare string is refused
 
 
-class VideoPart(Strict):
+class VideoPart(RequestPart):
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -62,18 +63,18 @@ class VideoPart(Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-class Message(Strict):
+class Message(RequestPart):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[ContentPart]
     name: str | None = None
 
 
-class StreamOptions(Strict):
+class StreamOptions(RequestPart):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # with include_usage: every chunk carries the usage so far (vLLM's)
 
 
-class SamplingFields(Strict):
+class SamplingFields(RequestPart):
     """Fields shared by chat and completions requests (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -122,7 +123,7 @@ class SamplingFields(Strict):
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
-class ResponseFormat(Strict):
+class ResponseFormat(RequestPart):
     type: Literal["text", "json_object", "json_schema"]
 
     @field_validator("type")
@@ -133,7 +134,7 @@ class ResponseFormat(Strict):
         return value
 
 
-class ChatFields(Strict):
+class ChatFields(RequestPart):
     """How chat and /tokenize requests render their messages."""
 
     add_generation_prompt: bool = True
@@ -200,7 +201,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(Strict):
+class DetokenizeRequest(RequestPart):
     model: str | None = None
     tokens: list[int]
 
