@@ -52,7 +52,7 @@ class StartOptions:
 
 def start_head(port: int, node_ip: str | None, options: StartOptions) -> str:
     """Starts the Ray head on this machine; returns the address workers join."""
-    resources = _resource_args(options)
+    resource_args, resource_env = _resource_args(options)
     nic = _named_interface(options.interface) if options.interface else None
     if node_ip is None:
         node_ip = nic.local_ip if nic else _default_route_ip()
@@ -64,19 +64,20 @@ def start_head(port: int, node_ip: str | None, options: StartOptions) -> str:
     else:
         print(f"head {address} on interface {nic.name}; on each other machine run:\n"
               f"  vlserve cluster join {address}", flush=True)
-    _ray_start(["--head", f"--port={port}", f"--node-ip-address={node_ip}", NO_DASHBOARD], resources, nic, address)
+    _ray_start(["--head", f"--port={port}", f"--node-ip-address={node_ip}", NO_DASHBOARD, *resource_args],
+               resource_env, nic, address)
     return address
 
 
 def join(head: str, options: StartOptions) -> Interface:
     """Joins this machine to the cluster at `head` (HOST:PORT) over the interface that routes to it."""
     host, port = parse_head_address(head)
-    resources = _resource_args(options)
+    resource_args, resource_env = _resource_args(options)
     nic = _named_interface(options.interface) if options.interface else None
     check_reachable(head, "the head address")  # Ray would retry an absent head for minutes
     nic = nic or route_interface(host, port)
     print(f"joining {head} from {nic.local_ip} on interface {nic.name}", flush=True)
-    _ray_start([f"--address={head}", f"--node-ip-address={nic.local_ip}"], resources, nic, head)
+    _ray_start([f"--address={head}", f"--node-ip-address={nic.local_ip}", *resource_args], resource_env, nic, head)
     return nic
 
 
@@ -168,12 +169,11 @@ def _resource_args(options: StartOptions) -> tuple[list[str], dict[str, str]]:
     return args, env
 
 
-def _ray_start(args: list[str], resources: tuple[list[str], dict[str, str]], nic: Interface, head: str) -> None:
+def _ray_start(args: list[str], resource_env: dict[str, str], nic: Interface, head: str) -> None:
     # Ray's processes, our workers among them, inherit this environment
-    env = {**os.environ, **interface_env(nic), **AUTH_MODE, **resources[1], MARK: head}
+    env = {**os.environ, **interface_env(nic), **AUTH_MODE, **resource_env, MARK: head}
     if is_loopback(parse_head_address(head)[0]):
         env.update(LOCAL_ONLY)
-    args = [*args, *resources[0]]
     cmd = [*RAY_CLI, "start", *args, "--disable-usage-stats"]
     if subprocess.run(cmd, env=env, check=False).returncode != 0:
         raise ClusterError(f"`ray start` failed ({' '.join(args)}); see its output above. If Ray is already "

@@ -137,6 +137,10 @@ def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
     return owner
 
 
+def worker_exited(worker) -> EngineDeadError:
+    return EngineDeadError(f"worker {worker.name} exited (code {worker.exitcode}); restart the server")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -256,7 +260,7 @@ class MultiprocRunner:
             self.broken = True  # the workers may be waiting in a collective rank 0 will never join
             dead = self.exited_worker(EXIT_SEEN_S)  # a peer that died shows first as a closed socket
             if dead is not None:
-                raise EngineDeadError(f"worker {dead.name} exited (code {dead.exitcode}); restart the server") from e
+                raise worker_exited(dead) from e
             raise
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -309,7 +313,7 @@ class MultiprocRunner:
     def check_workers(self) -> None:
         dead = self.exited_worker()
         if dead is not None:
-            raise EngineDeadError(f"worker {dead.name} exited (code {dead.exitcode}); restart the server")
+            raise worker_exited(dead)
 
     def exited_worker(self, within_s: float = 0.0):
         """A worker that has exited, looking for up to `within_s`; None if all run."""

@@ -12,7 +12,7 @@ from vlserve.errors import ClusterError, PlanError
 from vlserve.plan.checks import kernel_image
 from vlserve.plan.inventory import Inventory, Node, cpu_inventory, ray_inventory, this_node
 from vlserve.plan.planner import Plan, make_plan
-from vlserve.plan.report import flag_name
+from vlserve.plan.report import changes_text
 
 log = logging.getLogger("vlserve.plan")
 
@@ -30,7 +30,7 @@ def settle(config: EngineConfig) -> EngineConfig:
     values = {knob: new for knob, _, new in plan.chosen.changes}
     media = replace(config.media, max_pixels=values.pop("max_pixels", config.media.max_pixels))
     log.warning("to fit this hardware, as `vlserve plan` would: %s (set these flags to choose otherwise)",
-                ", ".join(f"{flag_name(knob)} {new} (not {old})" for knob, old, new in plan.chosen.changes))
+                changes_text(plan.chosen))
     return replace(settled, media=media, **values)
 
 
