@@ -55,6 +55,10 @@ def test_full_queue_answers_503_with_retry_after(state):
                 second = await c.post("/v1/chat/completions", json={**LONG, "stream": False})
                 assert second.status_code == 503 and second.headers["retry-after"] == "1"
                 assert "--max-queued-requests" in second.json()["error"]["message"]
+                tokenize = await c.post("/tokenize", json={"messages": LONG["messages"]})  # media work is bounded too
+                assert tokenize.status_code == 503 and tokenize.headers["retry-after"] == "1"
+                detokenize = await c.post("/detokenize", json={"tokens": [1, 2]})  # no media: not queued
+                assert detokenize.status_code == 200
         server.should_exit = True
         assert await asyncio.wait_for(serving, timeout=30) == 0
     asyncio.run(main())

@@ -150,20 +150,16 @@ def build_app(state: ServerState) -> FastAPI:
     async def tokenize(raw: Request):
         req = await parsed(engine, raw, TokenizeRequest)
         check_model(req.model, state)
-        ids = (await engine.process(prompt_tokens, engine, req)).prompt_token_ids
-        strs = await engine.process(engine.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=engine.capacity.max_model_len, tokens=ids,
-                                token_strs=strs)
+        with admitted(state):  # media are fetched and decoded as for a chat: under the same bound
+            body = await engine.process(lambda: tokenized(engine, req).model_dump_json())
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(raw: Request):
         req = await parsed(engine, raw, DetokenizeRequest)
         check_model(req.model, state)
-        vocab = len(engine.tokenizer)
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"tokens {bad[:5]} are not ids of this model's vocabulary (0 to {vocab - 1})")
-        return DetokenizeResponse(prompt=await engine.process(engine.tokenizer.decode, req.tokens))
+        body = await engine.process(lambda: detokenized(engine, req).model_dump_json())
+        return Response(body, media_type="application/json")
 
     app.openapi = lambda: openapi_with_bodies(app, (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
                                                     DetokenizeRequest))
@@ -213,14 +209,27 @@ def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict
     return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs, req.rendering())
 
 
-def prompt_tokens(engine: AsyncEngine, req: TokenizeRequest):
+def tokenized(engine: AsyncEngine, req: TokenizeRequest) -> TokenizeResponse:
     """The prompt a chat or completions request with these fields would run, through the same input processor
-    (a prompt over --max-model-len is refused as it would be there)."""
+    (a prompt over --max-model-len is refused as it would be there). Runs in the engine's thread pool."""
     params = SamplingParams(max_tokens=1)
     if req.prompt is not None:
-        return engine.inputs.prompt(new_id("tok"), req.prompt, params)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs, req.rendering())
+        ids = engine.inputs.prompt(new_id("tok"), req.prompt, params).prompt_token_ids
+    else:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        ids = engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs,
+                                 req.rendering()).prompt_token_ids
+    strs = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=engine.capacity.max_model_len, tokens=ids, token_strs=strs)
+
+
+def detokenized(engine: AsyncEngine, req: DetokenizeRequest) -> DetokenizeResponse:
+    """Runs in the engine's thread pool: a body of millions of ids must not hold the event loop."""
+    vocab = len(engine.tokenizer)
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"tokens {bad[:5]} are not ids of this model's vocabulary (0 to {vocab - 1})")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens))
 
 
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):
