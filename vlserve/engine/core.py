@@ -14,6 +14,7 @@ import gc
 import logging
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 
 import torch
@@ -25,6 +26,7 @@ from vlserve.engine.request import Capacity, CoreOutput, EngineRequest, EngineSt
 from vlserve.engine.scheduler import ScheduledSeq, Scheduler
 from vlserve.engine.sequence import Sequence, SequenceStatus
 from vlserve.engine.stop import check_stop
+from vlserve.engine.structured import Grammars, advance, matcher
 from vlserve.errors import EngineDeadError
 from vlserve.plan.preflight import check_before_loading
 
@@ -62,6 +64,8 @@ class EngineCore:
         self.depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else 1 + self.async_scheduling
         self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
         self.requests: dict[str, list[Sequence]] = {}  # unfinished samples of each request
+        self.grammars = Grammars(config.model, self.model_config.vocab_size, self.eos_token_ids)
+        self.compiling: dict[str, tuple[EngineRequest, Future]] = {}  # structured output: grammars being compiled
         self.iteration_tokens = IterationTokens()  # tokens of each step submitted: /metrics' iteration_tokens
         self.log_capacity(num_blocks)
 
@@ -98,16 +102,47 @@ class EngineCore:
             raise EngineDeadError("this engine was shut down; create a new one to generate")
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.request_id in self.compiling:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.params.structured_outputs is not None:  # queued once its grammar is compiled (`admit_compiled`)
+            self.compiling[req.request_id] = (req, self.grammars.compile(req.params.structured_outputs))
+            return
+        self.queue(req)
+
+    def queue(self, req: EngineRequest, grammar=None) -> None:
         seqs = [Sequence(req.request_id, list(req.prompt_token_ids), req.params, media=req.media,
                          mrope_positions=req.mrope_positions, rope_delta=req.rope_delta, index=index,
-                         max_tokens=req.max_tokens, arrival_time=req.arrival_time)
+                         max_tokens=req.max_tokens, arrival_time=req.arrival_time,
+                         grammar=None if grammar is None else matcher(grammar))
                 for index in range(req.params.n)]
         for seq in seqs:
             self.scheduler.add(seq)
         self.requests[req.request_id] = seqs
 
+    def admit_compiled(self) -> list[CoreOutput]:
+        """Queues the requests whose grammar is compiled; a compile that failed ends its request ("abort", logged:
+        the input processor checked that the grammar parses, so this is xgrammar's or vlserve's bug)."""
+        outputs = []
+        for request_id, (req, future) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            try:
+                self.queue(req, future.result())
+            except Exception as e:
+                log.error("request %s: its structured output did not compile: %s", request_id, e)
+                outputs += [CoreOutput(request_id, i, [], finish_reason="abort") for i in range(req.params.n)]
+        return outputs
+
+    def wait_for_grammars(self, timeout: float = 0.05) -> None:
+        """With nothing else to do, waits (briefly) for a compile instead of spinning."""
+        if self.compiling and not self.scheduler.has_unfinished() and not self.in_flight:
+            wait([future for _, future in self.compiling.values()], timeout, return_when=FIRST_COMPLETED)
+
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stops the request's unfinished samples (or sample `index` alone) and frees their blocks."""
+        if self.compiling.pop(request_id, None) is not None:
+            return
         seqs = self.requests.get(request_id)
         if seqs is None:
             return
@@ -119,7 +154,7 @@ class EngineCore:
             del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.in_flight)
+        return self.scheduler.has_unfinished() or bool(self.in_flight) or bool(self.compiling)
 
     def stats(self) -> EngineStats:
         bm, s = self.block_manager, self.scheduler
@@ -132,6 +167,7 @@ class EngineCore:
         if self.runner is None:
             return
         self.runner.shutdown()
+        self.grammars.shutdown()
         self.runner, self.in_flight = None, deque()
         gc.collect()  # the runner's parts refer to each other: free them now, not at some later collection
         if self.device.type == "cuda":
@@ -141,6 +177,11 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Schedules and submits a batch, then returns the outputs of the oldest batch in flight, leaving up to
         `depth` - 1 batches running (see the module docstring)."""
+        self.wait_for_grammars()
+        compiled = self.admit_compiled()
+        return compiled + self.step_batches()
+
+    def step_batches(self) -> list[CoreOutput]:
         if len(self.in_flight) < self.depth:
             pipeline = self.config.pipeline_parallel_size
             active = self.scheduler.num_running + self.scheduler.num_waiting
@@ -173,6 +214,8 @@ class EngineCore:
                              num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
                              scheduled_time=seq.scheduled_time)
             reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+            if seq.grammar is not None:
+                reason = advance(seq.grammar, token) or reason
             if reason:
                 out.finish_reason, out.stop_reason = reason, seq.stop_reason
                 self.finish(seq, reason)

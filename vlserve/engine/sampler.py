@@ -4,7 +4,9 @@ One batched pass over the rows that sample this step; per-row Python only builds
 which reach the device without a host sync (transfer.py). `sample` launches the work and returns the token ids on
 the device, copied to the host in the background; `read` waits for that copy. A row's last token may itself still
 be on the device (async scheduling: `PendingTokens`, the step before's samples): penalties, min_tokens and seeds
-count it without reading it. Filter order follows transformers' `generate`: temperature, top-k, top-p, min-p.
+count it without reading it. Before the filters, the request's own rules: penalties, min_tokens, logit_bias, allowed_token_ids, then the
+grammar of structured output (engine/structured.py). Filter order follows transformers' `generate`: temperature,
+top-k, top-p, min-p.
 """
 
 import hashlib
@@ -17,6 +19,7 @@ from vlserve.config import DEFAULT_STOP_TOKEN_IDS
 from vlserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, sampler_chunk_rows
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stop import stop_token_ids
+from vlserve.engine.structured import mask as grammar_mask
 from vlserve.transfer import HostCopy, device_tensor, to_device
 
 
@@ -79,6 +82,7 @@ class Sampler:
         raw = logits.float()
         history = History.of(seqs, pending, raw.shape[-1], raw.device)
         logits = block_stop_tokens(apply_penalties(raw, seqs, history), seqs, self.eos_ids, history)
+        logits = grammar_mask(apply_token_choices(logits, seqs), seqs)
         tokens = self._sample(logits, seqs, history)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         counts = [seqs[i].params.logprobs for i in rows]
@@ -230,6 +234,29 @@ def block_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids,
     dev = logits.device
     return logits.index_put((device_tensor(rows, torch.long, dev), device_tensor(cols, torch.long, dev)),
                             torch.full((), -float("inf"), device=dev))
+
+
+def apply_token_choices(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logit_bias added, then every token outside allowed_token_ids at -inf; `logits` itself when no row has
+    either. A few index writes a row, on the device (the ids were checked against the vocabulary up front)."""
+    rows, cols, biases = [], [], []
+    for i, seq in enumerate(seqs):
+        for token, bias in (seq.params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            biases.append(bias)
+    dev = logits.device
+    if rows:
+        logits = logits.index_put((device_tensor(rows, torch.long, dev), device_tensor(cols, torch.long, dev)),
+                                  device_tensor(biases, torch.float32, dev), accumulate=True)
+    allowed = [i for i, seq in enumerate(seqs) if seq.params.allowed_token_ids]
+    if allowed:
+        at = [(j, t) for j, i in enumerate(allowed) for t in seqs[i].params.allowed_token_ids]
+        keep = torch.zeros(len(allowed), logits.shape[-1], dtype=torch.bool, device=dev)
+        keep[tuple(device_tensor(list(column), torch.long, dev) for column in zip(*at))] = True
+        idx = device_tensor(allowed, torch.long, dev)
+        logits = logits.index_put((idx,), logits[idx].masked_fill(~keep, -float("inf")))
+    return logits
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

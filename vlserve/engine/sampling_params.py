@@ -1,6 +1,7 @@
 """How to pick tokens and when to stop: the per-request knobs of the OpenAI API, checked before scheduling."""
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 
 from vlserve.errors import InvalidRequestError
 
@@ -18,6 +19,52 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 INT64 = (-(2**63), 2**63 - 1)  # integers travel to the engine core as 64-bit values
+MAX_LOGIT_BIAS = 1024  # entries: each is one index write per step
+MAX_GRAMMAR_CHARS = 1 << 16  # a schema, regex or grammar; xgrammar compiles it in the engine core
+MAX_CHOICES = 1024
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A grammar the output must follow (vLLM's StructuredOutputsParams): exactly one field set. `json` is a JSON
+    schema (a dict or its text), `json_object` any JSON object, `regex` a regular expression, `choice` one of the
+    strings, `grammar` an EBNF grammar (xgrammar's dialect, GBNF-like, with a `root` rule)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json)  # one form across the process boundary
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    def validate(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(f"structured output takes exactly one of json, regex, choice, grammar, "
+                                      f"json_object; got {given or 'none'}")
+        value = getattr(self, given[0])
+        if given[0] == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise InvalidRequestError("choice must be a list of non-empty strings")
+            if len(value) > MAX_CHOICES or sum(map(len, value)) > MAX_GRAMMAR_CHARS:
+                raise InvalidRequestError(f"choice takes at most {MAX_CHOICES} strings of {MAX_GRAMMAR_CHARS} "
+                                          f"characters in all, got {len(value)}")
+        elif given[0] == "json_object":
+            if value is not True:
+                raise InvalidRequestError(f"json_object must be true, got {value!r}"[:200])
+        elif not isinstance(value, str) or not value:
+            raise InvalidRequestError(f"{given[0]} must be a non-empty string, got {type(value).__name__}")
+        elif len(value) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"{given[0]} has {len(value)} characters, over the limit of "
+                                      f"{MAX_GRAMMAR_CHARS}; send a smaller one")
 
 
 @dataclass
@@ -39,6 +86,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids (OpenAI: -100 to 100)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -92,12 +142,42 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
             bad("stop", f"takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters "
                         f"each, got {len(self.stop)} (longest {max(map(len, self.stop))})")
-        if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64[1] for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(map(_token_id, self.stop_token_ids)):
             bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}"[:200])
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        self.validate_token_choices(bad)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                bad("structured_outputs", "must be a StructuredOutputsParams")
+            if self.min_tokens:
+                bad("min_tokens", "cannot be combined with structured output: the grammar decides where the output "
+                                  "may end; drop min_tokens")
         if self.logprobs is not None:
             number("logprobs", self.logprobs, ints=True)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    def validate_token_choices(self, bad) -> None:
+        """logit_bias and allowed_token_ids: their shapes and sizes (the input processor checks the ids against the
+        model's vocabulary)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _token_id(t) and isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
+                    for t, b in self.logit_bias.items()):
+                bad("logit_bias", f"must map token ids to biases in [-100, 100], got {self.logit_bias!r}"[:200])
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad("logit_bias", f"takes at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids or not all(
+                    map(_token_id, self.allowed_token_ids)):
+                bad("allowed_token_ids", f"must be a non-empty list of token ids, got {self.allowed_token_ids!r}"[:200])
+
+    def indexed_token_ids(self) -> list[int]:
+        """The token ids the sampler indexes the logits with (bias, allowed): the input processor checks them
+        against the model's vocabulary (stop token ids beyond it are harmless: never sampled)."""
+        return [*(self.logit_bias or ()), *(self.allowed_token_ids or ())]
+
+
+def _token_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64[1]

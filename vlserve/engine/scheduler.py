@@ -13,7 +13,8 @@ steps.
 A sequence whose step is not back yet is `in_flight`. Under async scheduling (one stream: steps run in the order
 they are launched) it is scheduled again at once, its pending token read on the device, and may be preempted: a
 later step's writes to its freed blocks come after the earlier step's. Under pipeline parallel (stages in several
-processes) it is skipped, and never preempted.
+processes) it is skipped, and never preempted; so is a sequence with a grammar under async scheduling (structured
+output: its next token mask needs its last token on the host).
 """
 
 import time
@@ -86,8 +87,8 @@ class Scheduler:
         for seq in list(self.running):  # a copy: making room may preempt the newest
             if not budget or seq.status != SequenceStatus.RUNNING or len(out.scheduled) == max_seqs:
                 break  # out of tokens, seq was preempted to make room for an older one, or the batch is full
-            if seq.in_flight and not self.cfg.async_scheduling:
-                continue  # its last step's token has not come back yet
+            if seq.in_flight and (not self.cfg.async_scheduling or seq.grammar is not None):
+                continue  # its last step's token has not come back yet (a grammar's next mask needs it)
             if self._done_after_pending(seq):
                 continue  # its pending token is its last: nothing more to compute
             num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)

@@ -3,6 +3,7 @@
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from enum import Enum, auto
 
 import torch
@@ -64,6 +65,7 @@ class Sequence:
     num_preemptions: int = 0
     in_flight: int = 0  # steps holding this sequence whose results have not come back
     prompt_ids_tensor: torch.Tensor | None = None  # the sampler's copy of the prompt ids on the logits' device
+    grammar: Any = None  # structured output: this sample's xgrammar matcher (engine/structured.py)
 
     @property
     def num_prompt_tokens(self) -> int:

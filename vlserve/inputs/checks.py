@@ -6,6 +6,7 @@ counts last. A refusal is an InvalidRequestError naming what to change.
 """
 
 from vlserve.engine.request import Capacity
+from vlserve.engine.sampling_params import SamplingParams
 from vlserve.errors import InvalidRequestError
 
 
@@ -61,3 +62,11 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise InvalidRequestError("the prompt is empty; send at least one token")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+
+
+def check_indexed_ids(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias and allowed_token_ids index the logits: an id past the vocabulary would fault on the device."""
+    bad = [t for t in params.indexed_token_ids() if t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token ids {bad[:5]} in logit_bias or allowed_token_ids are not in this model's "
+                                  f"vocabulary (0 to {vocab_size - 1})")

@@ -1,8 +1,8 @@
 """The input processor: the one way any front door (HTTP chat and completions, `LLM.generate`/`LLM.chat`, the
 benchmarks) turns a request into a validated EngineRequest.
 
-Rules run cheapest first, each once (inputs/checks.py): sampling parameters and per-request media options (which
-may only tighten the server's), media counts before anything is fetched, a lower bound on the prompt's tokens
+Rules run cheapest first, each once (inputs/checks.py): sampling parameters (token ids against the vocabulary, the
+structured output's grammar parsed) and per-request media options (which may only tighten the server's), media counts before anything is fetched, a lower bound on the prompt's tokens
 before tokenizing, each item's token count from its header before any pixel is decoded, the exact prompt length
 and KV fit after tokenizing; then pixels, pad expansion and M-RoPE positions. A refused request has cost at most
 its own bytes and headers. Thread-safe: the server runs several requests at once in a thread pool.
@@ -15,6 +15,7 @@ from PIL import Image
 
 from vlserve.config import EngineConfig, ModelConfig
 from vlserve.engine.request import Capacity, EngineRequest
+from vlserve.engine import structured
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.errors import InvalidRequestError, MediaError
 from vlserve.inputs import checks
@@ -69,6 +70,8 @@ class InputProcessor:
     def build(self, request_id: str, params: SamplingParams, refs: list[MediaRef], mm_kwargs: dict | None,
               text_chars: int, tokenize: Callable[[], list[int]]) -> EngineRequest:
         max_len = self.capacity.max_model_len
+        checks.check_indexed_ids(params, self.model_config.vocab_size)
+        structured.check(params.structured_outputs)  # parses the grammar: milliseconds, before any media fetch
         checks.check_media_count([ref.modality for ref in refs], self.limits)
         self.item_options(None, mm_kwargs)  # the request's own media options are checked even without media
         options = [self.item_options(ref, mm_kwargs) for ref in refs]
