@@ -28,6 +28,9 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+DRAIN_S = 10.0  # how long a refused body is read before the 413
+DRAIN_IDLE_S = 0.5  # ... unless it stops coming for this long
+
 from vlserve.serve.protocol import error_json
 
 log = logging.getLogger("vlserve.serve")
@@ -103,6 +106,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = content_length(scope)
         if length is not None and length > self.max_bytes:
+            await drain(receive)
             return await self.too_large(send)
         guard = _Guard(self, receive, send)
         try:
@@ -120,6 +124,18 @@ class BodyLimitMiddleware:
                                 headers={"Connection": "close"})
         with anyio.CancelScope(shield=True):  # receive may run under Request.is_disconnected's cancelled scope
             await response({"type": "http"}, _no_receive, send)
+
+
+async def drain(receive: Receive) -> None:
+    """Reads (and drops) the rest of a refused body while it keeps coming, for up to DRAIN_S: closing a connection
+    whose data is unread makes the kernel reset it, and the reset can reach the client before it has read the 413
+    (nginx lingers for the same reason). Costs time, never memory."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):  # shielded: see too_large
+        while True:
+            with anyio.move_on_after(DRAIN_IDLE_S) as idle:  # a client that claims more than it sends
+                message = await receive()
+            if idle.cancelled_caught or message["type"] != "http.request" or not message.get("more_body"):
+                return
 
 
 async def _no_receive() -> Message:
@@ -146,6 +162,8 @@ class _Guard:
                 self.tripped = True
                 if not self.started:
                     self.started = self.answered = True
+                    if message.get("more_body"):
+                        await drain(self.inner_receive)
                     await self.limit.too_large(self.inner_send)
                 return {"type": "http.disconnect"}
         return message
