@@ -2,7 +2,7 @@
 # The step-overlap issue's GPU runs, in one call of the device tool (one GPU, Python 3.12; wheels in .whl/ as
 # front_door_gpu.sh lists them), each step under its own timeout so the whole stays inside the call's 10 minutes:
 #   tests     the engine on CUDA: greedy equality with transformers, CUDA graph replays equal eager runs, the
-#             engine core process, the sampler's device paths
+#             engine core process, the sampler's device paths, structured output's masks
 #   compare   benchmarks/compare_hf.py (decode1, throughput; 7B layout, random weights, bf16) for this checkout
 #             and, with --skip-transformers, for the baseline tree in .base/ (`git archive <commit> vlserve`)
 #   profile   benchmarks/profile_steps.py on the throughput workload (GPU busy share, host syncs)
@@ -17,8 +17,9 @@ source benchmarks/gpu_site.sh
 steps=${*:-tests compare profile}
 has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
-  VLSERVE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
-    tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+    tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py \
+    tests/test_structured_output.py tests/test_prompt_logprobs.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if has base; then
   (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 150 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \

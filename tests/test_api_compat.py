@@ -4,17 +4,24 @@ objects, stream options, null keys in chunks, completions logprobs, VLLM_API_KEY
 
 import json
 import os
+import re
 from unittest import mock
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from hf_reference import image_url, text
 from live_server import live_server
+from vlserve.media.templates import TOOLS_TEMPLATE
 
 KEY = "sk-vllm-key"
 HELLO = [{"role": "user", "content": "Hello"}]
+FUNCTION = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                  "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +30,8 @@ def served(tiny_ckpt):
     env = {k: v for k, v in os.environ.items() if k != "VLSERVE_API_KEY"}
     with mock.patch.dict(os.environ, {**env, "VLLM_API_KEY": KEY}, clear=True):
         with live_server(tiny_ckpt, "--max-model-len", "512", "--served-model-name", "tiny",
-                         "--root-path", "/proxied") as (base, proc):
+                         "--root-path", "/proxied", "--chat-template", str(TOOLS_TEMPLATE), "--enable-auto-tool-choice",
+                         "--tool-call-parser", "hermes") as (base, proc):
             yield base, proc
 
 
@@ -53,24 +61,42 @@ def test_fields_vlserve_does_not_use_are_accepted_and_logged(served):
     assert r.json()["model"] == "tiny"  # model "" is the served model
     assert post(served, "chat/completions", {**body, "response_format": None}).status_code == 200
     log = served[1].output()
-    for name in ("store", "metadata", "reasoning_effort", "parallel_tool_calls", "my_framework_key",
+    for name in ("store", "metadata", "reasoning_effort", "my_framework_key",
                  "messages[0].cache_control", "messages[1].content[0].extra"):
         assert name in log.split("ignored fields it does not use:")[-1], name
 
 
 @pytest.mark.parametrize("extra, says", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported by vlserve yet"),
-    ({"response_format": {"type": "json_object"}}, "response_format json_object is not supported"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "json_schema"),
-    ({"logit_bias": {"42": 5.0}}, "logit_bias is not supported"),
-    ({"guided_json": {"type": "object"}}, "guided_json is not supported"),
-    ({"guided_choice": ["a", "b"]}, "guided_choice is not supported"),
+    ({"response_format": {"type": "json_schema"}}, 'type "json_schema" takes a json_schema object'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "JSON schema of the structured output is not valid"),
+    ({"guided_regex": "(a"}, "regex of the structured output is not valid"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a+"}, "guided_json and guided_regex each set"),
+    ({"structured_outputs": {"jsonn": {}}}, "its keys are json, regex, choice, grammar, json_object"),
+    ({"guided_choice": ["a"], "min_tokens": 1}, "min_tokens cannot be combined"),
+    ({"logit_bias": {"x": 5.0}}, "keys must be token ids"),
+    ({"logit_bias": {"42": 500}}, "biases in [-100, 100]"),
+    ({"logit_bias": {"99999999": 1}}, "not in this model's vocabulary"),
+    ({"allowed_token_ids": [10**9]}, "not in this model's vocabulary"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [FUNCTION], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "not among the tools sent"),
+    ({"tools": [FUNCTION], "tool_choice": "required", "guided_regex": "a"}, "already makes the output a call"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "name"),
+    ({"messages": [{"role": "user", "content": None}]}, "a user message needs content"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     "arguments is not JSON text"),
+    ({"use_beam_search": True}, "does not run beam search"),
+    ({"best_of": 3}, "does not run beam search"),
+    ({"prompt_logprobs": 1, "stream": True}, "come in whole responses only"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs must be in [0, 20]"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be a positive count or -1"),
     ({"seed": 2**63}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
     ({"stream_options": {"include_usage": True}}, "stream_options is only allowed with stream: true"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}]},
      "image_url"),
-    ({"messages": [{"role": "tool", "content": "42"}]}, "role"),
     ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs may not set"),
 ])
 def test_what_would_change_the_answer_is_refused_with_what_to_change(served, extra, says):
@@ -270,5 +296,131 @@ def test_echo_puts_the_prompt_before_each_choice(client, served):
                                                  "ignore_eos": True})
     texts = [c["choices"][0]["text"] for c in chunks]
     assert texts[0].startswith("Once upon") and not any(t.startswith("Once upon") for t in texts[1:])
-    refused = post(served, "completions", {"prompt": "x", "echo": True, "logprobs": 1})
-    assert refused.status_code == 400 and "echo with logprobs" in refused.text
+    refused = post(served, "completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True})
+    assert refused.status_code == 400 and "come in whole responses only" in refused.text
+
+
+def test_echo_with_logprobs_and_prompt_logprobs(client, served):
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=2, echo=True, logprobs=2,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    ids = post(served, "../tokenize", {"prompt": "Once upon a time"}).json()["tokens"]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) for v in lp.token_logprobs[1:])
+    assert all(len(top) in (2, 3) for top in lp.top_logprobs[1:])  # 2 most likely, and the token itself
+    assert lp.text_offset[len(ids)] == len("Once upon a time")  # the output's offsets follow the prompt's
+    chat = post(served, "chat/completions", {"messages": HELLO, "max_tokens": 1, "prompt_logprobs": 1})
+    scores = chat.json()["prompt_logprobs"]
+    prompt_ids = post(served, "../tokenize", {"messages": HELLO}).json()["tokens"]
+    assert scores[0] is None and len(scores) == len(prompt_ids)
+    for token_id, entry in zip(prompt_ids[1:], scores[1:]):
+        assert str(token_id) in entry and len(entry) <= 2
+        assert {e["rank"] for e in entry.values()} >= {1}
+    whole = post(served, "completions", {"prompt": "Once upon a time", "max_tokens": 1, "prompt_logprobs": 0})
+    (choice,) = whole.json()["choices"]
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == len(ids)
+
+
+def test_truncate_prompt_tokens_keeps_the_end(served):
+    r = post(served, "completions", {"prompt": "one two three four five six", "max_tokens": 1,
+                                     "truncate_prompt_tokens": 3, "echo": True})
+    assert r.json()["usage"]["prompt_tokens"] == 3 and r.json()["choices"][0]["text"].startswith(" four five six")
+
+
+# ---- tool calls and structured output (random weights: the grammar, not the model, makes them valid) ----
+TWO_TOOLS = [FUNCTION, {"type": "function", "function": {"name": "stop_here", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}]
+ARGS_SCHEMA = FUNCTION["function"]["parameters"]
+HERMES = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)", "days": [1-7]\}\}\n</tool_call>'
+
+
+def test_required_tool_choice_calls_a_tool_with_valid_arguments(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, tools=TWO_TOOLS, tool_choice="required",
+                                       max_tokens=120, n=2, seed=1, temperature=1.0, parallel_tool_calls=False)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.id and call.type == "function"
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments), ARGS_SCHEMA)
+        else:
+            assert call.function.name == "stop_here" and json.loads(call.function.arguments) == {}
+
+
+def test_a_named_tool_choice_streams_its_arguments(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, tools=TWO_TOOLS, tool_choice=named,
+                                           max_tokens=60, temperature=0.0)
+    (call,) = whole.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and whole.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(call.function.arguments), ARGS_SCHEMA)
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, tools=TWO_TOOLS, tool_choice=named,
+                                                 max_tokens=60, temperature=0.0, stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2  # arguments as they come
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_parses_hermes_blocks(client, stream):
+    # A regex makes the random model write what Qwen2.5 writes when it calls: the parser must find the call.
+    kwargs = dict(model="tiny", messages=HELLO, tools=TWO_TOOLS, max_tokens=280, temperature=1.0, seed=3,
+                  extra_body={"guided_regex": r"Let me check\.\n" + HERMES})
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, calls, reason = choice.message.content, choice.message.tool_calls, choice.finish_reason
+    else:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        reason = chunks[-1].choices[0].finish_reason
+        assert "<tool" not in content  # the tag's first characters were held back, never sent as content
+    assert content.strip() == "Let me check." and reason == "tool_calls"
+    (call,) = calls
+    assert call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), ARGS_SCHEMA)
+
+
+def test_tool_results_go_back_through_the_template(served):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "days": 2}'}}
+    messages = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = post(served, "../tokenize", {"messages": messages, "tools": [FUNCTION], "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    prompt = "".join(r.json()["token_strs"]).replace("Ġ", " ").replace("Ċ", "\n")
+    assert '"name": "get_weather"' in prompt.split("\n</tools>")[0]  # the tool listed for the model
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>' in prompt
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
+    chat = post(served, "chat/completions", {"messages": messages, "tools": [FUNCTION], "tool_choice": "none",
+                                             "max_tokens": 3})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["tool_calls"] == [], chat.text
+
+
+def test_response_formats_and_guided_fields_hold(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=40, n=2, temperature=1.0, seed=5,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "answer", "schema": schema}})
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    choice = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=40, temperature=0.0,
+                                            extra_body={"guided_choice": ["red", "green"]}).choices[0]
+    assert choice.message.content in ("red", "green") and choice.finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt="code:", max_tokens=20, stream=True,
+                                       extra_body={"guided_regex": r"[A-Z]{2}\d{3}", "n": 2})
+    texts = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert len(texts) == 2 and all(re.fullmatch(r"[A-Z]{2}\d{3}", t) for t in texts.values()), texts
+
+
+def test_logit_bias_and_allowed_token_ids_over_http(served):
+    r = post(served, "completions", {"prompt": "x", "max_tokens": 3, "temperature": 0, "logit_bias": {"42": 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "KKK", r.text
+    r = post(served, "completions", {"prompt": "x", "max_tokens": 6, "temperature": 1, "allowed_token_ids": [64, 65],
+                                     "return_tokens_as_token_ids": True, "logprobs": 0})
+    assert set(r.json()["choices"][0]["logprobs"]["tokens"]) <= {"token_id:64", "token_id:65"}, r.text

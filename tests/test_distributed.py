@@ -22,6 +22,7 @@ from vlserve.distributed.executor import balanced_owners
 from vlserve.distributed.packed_step import pack, unpack
 from vlserve.engine.model_runner import StepInput
 from vlserve.errors import ConfigError, EngineDeadError
+from vlserve.engine.sampling_params import StructuredOutputsParams
 from vlserve.model.layers.attention import AttentionMetadata
 
 CONVERSATIONS = [  # three new images in the first step: with -tp 2 the ranks share the vision work
@@ -30,10 +31,19 @@ CONVERSATIONS = [  # three new images in the first step: with -tp 2 the ranks sh
     [{"role": "user", "content": [image_url(112, 84, 1), text("and"), image_url(56, 140, 2), text("Compare.")]}],
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
+# Prompt logprobs (logits of every prompt row, from the last stage) and a grammar (masks on rank 0) ride along
+PARAMS = [SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=2), GREEDY,
+          SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(
+              choice=["left", "right", "both"]))]
 
 
 def tokens(llm):
     return [o.outputs[0].token_ids for o in llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)]
+
+
+def results(llm):
+    outs = llm.chat(CONVERSATIONS, PARAMS, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], [lp.logprob for lp in outs[0].prompt_logprobs[1:]]
 
 
 @pytest.mark.parametrize("fixture, tp, pp", [("tiny_ckpt", 2, 1), ("tiny_sharded_ckpt", 2, 1),
@@ -46,13 +56,16 @@ def test_parallel_equals_one_process(request, fixture, tp, pp, device):
         pytest.skip(f"needs {tp * pp} GPUs, this machine has {torch.cuda.device_count()}")
     ckpt = request.getfixturevalue(fixture)
     kwargs = dict(device=device, progress=False, num_gpu_blocks_override=256)
-    expected = tokens(LLM(str(ckpt), **kwargs))
+    expected, expected_scores = results(LLM(str(ckpt), **kwargs))
     llm = LLM(str(ckpt), tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
     engine, depths = llm.core, []
     complete = engine.complete
     engine.complete = lambda batch: depths.append(len(engine.in_flight) + 1) or complete(batch)
     try:
-        assert tokens(llm) == expected
+        got, scores = results(llm)
+        assert got == expected
+        assert llm.tokenizer.decode(got[2], skip_special_tokens=True) in ("left", "right", "both")
+        assert scores == pytest.approx(expected_scores, abs=1e-4)
         assert max(depths) == pp  # one batch per stage in flight: the 3 conversations split over the stages
         bm = llm.core.block_manager
         assert bm.num_free_blocks == bm.num_blocks
@@ -206,7 +219,7 @@ def packed_round_trip(step):
     header, buffer = pack(step)
     assert header.buffer_len() == len(buffer) and buffer.dtype == torch.int32
     got = unpack(header, buffer.clone(), step.media_embeds)
-    for name in ("input_ids", "positions", "media_rows", "sample_rows"):
+    for name in ("input_ids", "positions", "media_rows", "logit_rows"):
         a, b = getattr(step, name), getattr(got, name)
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
     for name in ("cu_seqlens", "context_lens", "block_tables", "slot_mapping", "max_seqlen", "max_context_len",

@@ -289,7 +289,7 @@ BAD_MESSAGES = {
     "not a list": ({"role": "user", "content": "hi"}, "'messages' must be a non-empty list"),
     "empty": ([], "'messages' must be a non-empty list"),
     "message not an object": (["hi"], "messages[0] must be an object"),
-    "unknown role": ([{"role": "tool", "content": "x"}], "messages[0].role is 'tool'"),
+    "unknown role": ([{"role": "function", "content": "x"}], "messages[0].role is 'function'"),
     "missing role": ([{"content": "x"}], "messages[0].role is None"),
     "content missing": ([{"role": "user"}], "messages[0].content must be a string or a non-empty list"),
     "content a dict": ([{"role": "user", "content": {"text": "x"}}], "messages[0].content must be"),

@@ -2,12 +2,16 @@
 
 import argparse
 import json
+import logging
 import os
 
 from vlserve.config import EXECUTOR_BACKENDS, LOAD_FORMATS, TUNABLE, VISION_TP_MODES, EngineConfig
 from vlserve.errors import ConfigError, MediaError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
+from vlserve.media.templates import TOOLS_TEMPLATE
+
+log = logging.getLogger("vlserve")
 
 
 def api_key_from_env() -> str | None:
@@ -67,6 +71,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    f'unset: {MediaOptions.max_pixels}{FITS})')
     g.add_argument("--allowed-local-media-path", default=None, help="folder whose files requests may name")
     g.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts media URLs may come from")
+    g.add_argument("--tokenizer", help="a folder holding the tokenizer (default: the checkpoint's)")
+    g.add_argument("--chat-template", help="a .jinja file (or the template's text) in place of the checkpoint's "
+                   f"chat template; for tool calling with Qwen2.5-VL: {TOOLS_TEMPLATE}")
+    g.add_argument("--download-dir", help="the Hugging Face cache a model name is found (or downloaded) in "
+                   "(default: HF_HOME's)")
+    g.add_argument("--quantization", "-q", help="the checkpoint's quantization method (awq, gptq, ...): checked "
+                   "against its config.json; vlserve reads it from there either way")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM command lines; vlserve never runs code from a checkpoint")
 
 
 def json_flag(flag: str, value: str | None) -> dict:
@@ -92,6 +105,9 @@ def int_list(flag: str, value: str | None, what: str, example: str) -> tuple[int
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    if args.trust_remote_code:
+        log.info("--trust-remote-code: vlserve runs no code from checkpoints (its model code is its own); the flag "
+                 "changes nothing")
     limits = json_flag("--limit-mm-per-prompt", args.limit_mm_per_prompt)
     for key, count in limits.items():
         if key not in ("image", "video") or isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -115,5 +131,6 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition, "layer counts", "10,10,8"),
         limit_mm_per_prompt=tuple(sorted({**defaults, **limits}.items())), media=media,
         media_policy=MediaPolicy(args.allowed_local_media_path, tuple(args.allowed_media_domains)),
-        load_format=args.load_format, tunable=unset, **given,
+        load_format=args.load_format, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        download_dir=args.download_dir, quantization=args.quantization, tunable=unset, **given,
     )

@@ -292,6 +292,39 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsShown)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is answered with the command's closest one ("did you mean")."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unknown_flags(self.command_parser(parsed), extras))
+        return parsed
+
+    def command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)command's own parser: the deepest one the arguments chose."""
+        parser = self
+        while True:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = getattr(parsed, subs[0].dest, None) if subs else None
+            if chosen not in (subs[0].choices if subs else {}):
+                return parser
+            parser = subs[0].choices[chosen]
+
+
+def unknown_flags(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    notes = []
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-"):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        notes.append(f"{flag}: did you mean {close[0]}?" if close else
+                     f"{flag} is not a vlserve flag (docs/serving.md lists vLLM's flags and what vlserve does with "
+                     "each)")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(notes)})" if notes else "")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from vlserve.serve.server import add_serve_args  # the server and torch: `vlserve plan` does without (plan_parser)

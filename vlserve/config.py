@@ -5,6 +5,7 @@ Config flows one way: `ModelConfig.from_dir` reads `config.json` once; everythin
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,9 +268,15 @@ class SchedulerConfig:
 
 def resolve_model_path(model: str) -> str:
     """A folder on this machine as an absolute path (a relative one means nothing to another node or folder);
-    anything else (a Hugging Face name) as given."""
+    anything else as given (a Hugging Face name: the engine finds it in the hub's cache when it starts,
+    model/hub.py)."""
     expanded = os.path.expanduser(model)
     return os.path.abspath(expanded) if os.path.exists(expanded) else model
+
+
+def is_hub_name(model: str) -> bool:
+    """"Qwen/Qwen2.5-VL-7B-Instruct": an organisation and a name, not a path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) is not None and not model.startswith((".", "~"))
 
 
 # Knobs `vlserve plan` chooses and the engine may tighten, one step at a time, when the model would not fit
@@ -309,12 +316,18 @@ class EngineConfig:
     media: MediaOptions = MediaOptions()  # preprocessing defaults (--mm-processor-kwargs)
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (--allowed-local-media-path, ...)
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random ones (only config + tokenizer read)
+    tokenizer: str | None = None  # a folder holding the tokenizer; None: the checkpoint's own
+    download_dir: str | None = None  # the Hugging Face cache a model name is looked up (and downloaded) in
+    quantization: str | None = None  # checked against the checkpoint's quantization_config (vLLM's flag)
+    chat_template: str | None = None  # a .jinja file or the template's text, in place of the checkpoint's
     # Of TUNABLE, the knobs the user left unset (flags not given): the planner may tighten them to fit before
     # anything loads (plan/preflight.py: settle). Empty (LLM(...)'s default): every value is used as given.
     tunable: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "model", resolve_model_path(self.model))  # every node and /v1/models see one path
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", resolve_model_path(self.tokenizer))
 
         def positive(flag: str, value, allow_none: bool = False):
             if value is None and allow_none:
@@ -357,6 +370,10 @@ class EngineConfig:
     def world_size(self) -> int:
         """Ranks: one process (one GPU) per tensor-parallel rank of each pipeline stage."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or self.model
 
     def model_len(self, model_cfg: ModelConfig) -> int:
         """Prompt plus output tokens per sequence: --max-model-len, else what the model was trained for."""

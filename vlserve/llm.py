@@ -23,6 +23,7 @@ from vlserve.inputs import InputProcessor
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
 from vlserve.media.template import Rendering, load_tokenizer
+from vlserve.model.hub import fetched
 from vlserve.plan.preflight import settle
 
 
@@ -44,8 +45,8 @@ class LLM:
         return llm
 
     def start(self, config: EngineConfig, progress: bool) -> None:
-        config = settle(config)  # knobs left unset, as the plan has them
-        self.tokenizer = load_tokenizer(config.model)
+        config = settle(fetched(config))  # a model name found; knobs left unset, as the plan has them
+        self.tokenizer = load_tokenizer(config.tokenizer_dir, config.chat_template)
         self.core = EngineCore(config, progress=progress)
         self.release = weakref.finalize(self, self.core.shutdown)  # on shutdown(), garbage collection or exit
         self.inputs = InputProcessor(config, self.core.model_config, self.tokenizer, self.core.capacity)

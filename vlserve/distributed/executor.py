@@ -26,8 +26,7 @@ from vlserve.distributed import packed_step
 from vlserve.distributed.parallel_state import PipelineStage, TensorParallelGroup, reset, set_pipeline_stage, \
     set_tp_group
 from vlserve.distributed.worker_process import SpawnedWorker
-from vlserve.engine.model_runner import ModelRunner
-from vlserve.engine.sampler import SamplerOutput
+from vlserve.engine.model_runner import ModelRunner, StepResult
 from vlserve.errors import ConfigError, EngineDeadError
 from vlserve.media.item import MediaItem
 
@@ -295,20 +294,18 @@ class MultiprocRunner:
 
     def submit(self, scheduled, departed=()):
         """Starts a step on every rank; rank 0 returns once its own stage is done (see ModelRunner.launch)."""
-        step, sample_seqs = self.runner.prepare(scheduled, departed)
+        step, rows = self.runner.prepare(scheduled, departed)
         self.check_workers()
         with self.collective():
             packed_step.send_step(step, self.control, self.runner.device)
-            return sample_seqs, self.runner.launch(step)
+            return rows, self.runner.launch(step)
 
-    def wait(self, handle) -> tuple[list, SamplerOutput]:
+    def wait(self, handle) -> StepResult:
         """Rank 0 samples once the step's logits are here (from the last stage under pipeline parallel)."""
-        sample_seqs, pending = handle
+        rows, pending = handle
         with self.collective():
             logits = self.runner.collect(pending)
-        if not sample_seqs:
-            return [], SamplerOutput([], [])
-        return sample_seqs, self.runner.sampler(logits, sample_seqs)
+        return self.runner.wait(self.runner.sample(logits, rows))
 
     def check_workers(self) -> None:
         dead = self.exited_worker()

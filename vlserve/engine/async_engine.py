@@ -27,6 +27,7 @@ from vlserve.engine.request import EngineRequest
 from vlserve.errors import EngineDeadError, InvalidRequestError
 from vlserve.inputs import InputProcessor
 from vlserve.media.template import load_tokenizer
+from vlserve.model.hub import fetched
 from vlserve.plan.preflight import settle
 
 log = logging.getLogger("vlserve.engine")
@@ -34,9 +35,9 @@ log = logging.getLogger("vlserve.engine")
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, progress: bool = True, input_workers: int | None = None):
-        self.config = config = settle(config)  # knobs left unset, as the plan has them
+        self.config = config = settle(fetched(config))  # a model name found; knobs left unset, as the plan has them
         self.model_config = ModelConfig.from_dir(config.model)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer_dir, config.chat_template)
         self.core = CoreClient(config, progress)
         self.capacity, self.stats = self.core.capacity, self.core.stats
         self.inputs = InputProcessor(config, self.model_config, self.tokenizer, self.capacity)

@@ -113,9 +113,10 @@ class BlockManager:
         assert not leaked and len(self.free_ids) == len(self.blocks), f"blocks still referenced: {leaked}"
 
     def _lookup(self, seq: Sequence) -> list[int]:
-        """Longest run of cached full blocks, leaving the last token to compute so the model yields its logits."""
+        """Longest run of cached full blocks, leaving the last token to compute so the model yields its logits. None
+        for a sequence that owes prompt logprobs: they need the logits of every prompt token."""
         hits = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.owes_prompt_logprobs:
             for i in range((seq.num_tokens - 1) // self.block_size):
                 b = self.cached.get(self._hash(seq, i))
                 if b is None:

@@ -64,7 +64,7 @@ class EngineCore:
         self.depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else 1 + self.async_scheduling
         self.eos_token_ids = DEFAULT_STOP_TOKEN_IDS
         self.requests: dict[str, list[Sequence]] = {}  # unfinished samples of each request
-        self.grammars = Grammars(config.model, self.model_config.vocab_size, self.eos_token_ids)
+        self.grammars = Grammars(config.tokenizer_dir, self.model_config.vocab_size, self.eos_token_ids)
         self.compiling: dict[str, tuple[EngineRequest, Future]] = {}  # structured output: grammars being compiled
         self.iteration_tokens = IterationTokens()  # tokens of each step submitted: /metrics' iteration_tokens
         self.log_capacity(num_blocks)
@@ -202,24 +202,32 @@ class EngineCore:
 
     def complete(self, batch) -> list[CoreOutput]:
         scheduled, handle = batch
-        seqs, sampled = self.runner.wait(handle)
+        result = self.runner.wait(handle)
         for item in scheduled:
             item.seq.in_flight -= 1
-        outputs = []
-        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+        outputs, scored = [], {}
+        for seq, _, logprobs in result.prompt_logprobs:  # in position order: steps complete in order
+            if not seq.is_finished:
+                scored[seq.seq_id] = out = CoreOutput(seq.request_id, seq.index, [], prompt_logprobs=logprobs)
+                outputs.append(out)
+        sampled = result.sampled
+        for seq, token, logprob in zip(result.sample_seqs, sampled.token_ids, sampled.logprobs):
             if seq.is_finished:
                 continue  # aborted while in flight, or stopped by the step before: the token is dropped
             self.scheduler.token_arrived(seq, token)
-            out = CoreOutput(seq.request_id, seq.index, [token], None if logprob is None else [logprob],
-                             num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
-                             scheduled_time=seq.scheduled_time)
+            out = scored.pop(seq.seq_id, None)
+            if out is None:
+                out = CoreOutput(seq.request_id, seq.index, [])
+                outputs.append(out)
+            out.token_ids, out.logprobs = [token], None if logprob is None else [logprob]
+            out.num_cached_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+            out.scheduled_time = seq.scheduled_time
             reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
             if seq.grammar is not None:
                 reason = advance(seq.grammar, token) or reason
             if reason:
                 out.finish_reason, out.stop_reason = reason, seq.stop_reason
                 self.finish(seq, reason)
-            outputs.append(out)
         return outputs
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -18,7 +18,9 @@ from vlserve.config import DEFAULT_STOP_TOKEN_IDS, EngineConfig, ModelConfig, Sc
 from vlserve.distributed.parallel_state import pipeline_stage, tp_all_gather, tp_rank, tp_size
 from vlserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from vlserve.engine.input_batch import InputBatch
-from vlserve.engine.sampler import PendingTokens, SampledTokens, Sampler, SamplerOutput, sample_worst_case
+from vlserve.engine.sampler import (
+    Logprob, PendingTokens, PromptScores, SampledTokens, Sampler, SamplerOutput, sample_worst_case,
+)
 from vlserve.engine.scheduler import ScheduledSeq
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import ConfigError
@@ -66,7 +68,9 @@ class StepInput:
     meta: AttentionMetadata
     media_embeds: torch.Tensor | None
     media_rows: torch.Tensor | None  # (pads,) where the media pad tokens are in the flat batch, in order
-    sample_rows: torch.Tensor  # (S,) row of each sampling sequence's last token in the flat batch
+    # Rows whose logits the step computes, in the flat batch: each sampling sequence's last token, then the rows that
+    # score prompt tokens (prompt_logprobs)
+    logit_rows: torch.Tensor
     # Rows whose token is still on the device (async scheduling), and where each is among the step before's samples
     pending_rows: list[int] = field(default_factory=list)
     pending_src: list[int] = field(default_factory=list)
@@ -76,7 +80,7 @@ class StepInput:
             return None if t is None else to_device(t, device)
 
         return StepInput(move(self.input_ids), move(self.positions), self.meta.to(device), move(self.media_embeds),
-                         move(self.media_rows), self.sample_rows, self.pending_rows, self.pending_src)
+                         move(self.media_rows), self.logit_rows, self.pending_rows, self.pending_src)
 
     @property
     def is_decode(self) -> bool:
@@ -86,11 +90,33 @@ class StepInput:
 
 
 @dataclass
+class LogitRows:
+    """What a step's logits rows are for: the sampling sequences (rows 0..S-1, in order), then prompt positions
+    scored for prompt_logprobs, as (sequence, first position, count) segments."""
+
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    prompt: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # the prompt token at each scored position
+    counts: list[int] = field(default_factory=list)  # top entries wanted at each
+
+
+@dataclass
 class StepHandle:
-    """A submitted step: the sequences that sample in it, in row order, and their samples."""
+    """A submitted step: what its logits rows are for, its samples and prompt logprobs (launched)."""
+
+    rows: LogitRows
+    sampled: SampledTokens | None
+    scores: PromptScores | None = None
+
+
+@dataclass
+class StepResult:
+    """A step's outputs on the host: the sampling sequences and their samples, and the prompt logprobs of
+    (sequence, first position) segments."""
 
     sample_seqs: list[Sequence]
-    sampled: SampledTokens | None
+    sampled: SamplerOutput
+    prompt_logprobs: list[tuple[Sequence, int, list[Logprob]]] = field(default_factory=list)
 
 
 @dataclass
@@ -185,20 +211,32 @@ class ModelRunner:
     def submit(self, scheduled: list[ScheduledSeq], departed: list[int] = ()) -> StepHandle:
         """Launches the step and its sampling; returns without waiting for the device. `departed`: sequences
         gone since the last step (their seats in the persistent batch are freed)."""
-        step, sample_seqs = self.prepare(scheduled, departed)
-        logits = self.run(step)
-        sampled = self.sampler.sample(logits, sample_seqs, self.pending) if sample_seqs else None
-        self.pending = None if sampled is None else PendingTokens(
-            sampled.token_ids, {seq.seq_id: i for i, seq in enumerate(sample_seqs)})
-        return StepHandle(sample_seqs, sampled)
+        step, rows = self.prepare(scheduled, departed)
+        return self.sample(self.run(step), rows)
 
-    def wait(self, handle: StepHandle) -> tuple[list[Sequence], SamplerOutput]:
-        """The step's samples on the host, in the order of its sampling sequences."""
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor | None, rows: LogitRows) -> StepHandle:
+        """Launches the sampling (and prompt scoring) of a step's logits, on global rank 0."""
+        seqs, num = rows.sample_seqs, len(rows.sample_seqs)
+        sampled = self.sampler.sample(logits[:num], seqs, self.pending) if seqs else None
+        self.pending = None if sampled is None else PendingTokens(
+            sampled.token_ids, {seq.seq_id: i for i, seq in enumerate(seqs)})
+        scores = PromptScores.of(logits[num:], rows.targets, rows.counts) if rows.prompt else None
+        return StepHandle(rows, sampled, scores)
+
+    def wait(self, handle: StepHandle) -> StepResult:
+        """The step's samples (in the order of its sampling sequences) and prompt logprobs on the host."""
+        prompt, done = [], 0
+        if handle.scores is not None:
+            scored = handle.scores.read()
+            for seq, first, count in handle.rows.prompt:
+                prompt.append((seq, first, scored[done:done + count]))
+                done += count
         if handle.sampled is None:
-            return [], SamplerOutput([], [])
+            return StepResult([], SamplerOutput([], []), prompt)
         if self.pending is not None and self.pending.token_ids is handle.sampled.token_ids:
             self.pending = None  # its tokens reach the host now: later steps read them there
-        return handle.sample_seqs, handle.sampled.read()
+        return StepResult(handle.rows.sample_seqs, handle.sampled.read(), prompt)
 
     def run(self, step: StepInput) -> torch.Tensor | None:
         """Runs this rank's part of the step; returns the sampling logits on global rank 0, None elsewhere."""
@@ -212,7 +250,7 @@ class ModelRunner:
         they were posted). The pipeline can then take the next step while this one is in flight."""
         stage = pipeline_stage()
         self.step_tag += 1  # matches each step's messages between stages on Gloo (NCCL keeps their order)
-        rows = len(step.sample_rows)
+        rows = len(step.logit_rows)
         if self.graphs is not None and step.is_decode and self.graphs.covers(len(step.input_ids)):
             # one stage: graphs need it
             out = self.graphs.replay(step.input_ids, step.positions, step.meta, self.pending_tokens(step))
@@ -230,7 +268,7 @@ class ModelRunner:
             self.handoff = [(dist.isend(t, stage.next_rank, tag=self.step_tag), t) for t in map(self.my_slice, out)]
             return self.post_logits_receive(rows, stage)
         if rows:
-            logits = self.model.compute_logits(out[to_device(step.sample_rows, self.device)])
+            logits = self.model.compute_logits(out[to_device(step.logit_rows, self.device)])
         else:
             logits = out.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
         if stage.num_stages == 1:
@@ -279,7 +317,7 @@ class ModelRunner:
             dist.recv(t, stage.prev_rank, tag=self.step_tag)
         return tuple(tp_all_gather(t, dim=-1) for t in parts) if self.sliced_handoff() else parts
 
-    def prepare(self, scheduled: list[ScheduledSeq], departed: list[int] = ()) -> tuple[StepInput, list[Sequence]]:
+    def prepare(self, scheduled: list[ScheduledSeq], departed: list[int] = ()) -> tuple[StepInput, LogitRows]:
         """The step's flat inputs: per-sequence work in Python (token ids, media, M-RoPE rows), per-token work as
         numpy over the persistent batch (KV slots, positions, block tables)."""
         encoded = self.encode_media(scheduled)
@@ -288,7 +326,8 @@ class ModelRunner:
         lengths = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, len(scheduled))
         slots, positions = self.batch.slots(seats, starts, lengths)
         cu = np.cumsum(lengths) - lengths  # each sequence's first row in the flat batch
-        ids, media_rows, media_parts, prompt_mrope, sample_rows, sample_seqs = [], [], [], [], [], []
+        ids, media_rows, media_parts, prompt_mrope, sample_rows, prompt_rows = [], [], [], [], [], []
+        logit_rows = LogitRows()
         pending_rows, pending_src, rope_deltas = [], [], []
         for item, first in zip(scheduled, cu.tolist()):
             seq, start, end = item.seq, item.start, item.end
@@ -305,7 +344,13 @@ class ModelRunner:
             media_parts += parts
             if item.samples:
                 sample_rows.append(first + item.num_new_tokens - 1)
-                sample_seqs.append(seq)
+                logit_rows.sample_seqs.append(seq)
+            if item.prompt_positions:  # token i's logits score prompt token i + 1
+                scored = item.prompt_positions
+                prompt_rows += range(first + scored.start - 1 - start, first + scored.stop - 1 - start)
+                logit_rows.prompt.append((seq, scored.start, len(scored)))
+                logit_rows.targets += seq.prompt_token_ids[scored.start:scored.stop]
+                logit_rows.counts += [seq.params.prompt_logprobs] * len(scored)
         # Generated tokens (and every token of a text-only prompt) sit at i + rope_delta on all three rows.
         flat_positions = positions + np.repeat(np.asarray(rope_deltas, dtype=np.int64), lengths)
         # Built on the CPU (embeddings stay where the vision tower ran); the other ranks receive it packed
@@ -314,9 +359,9 @@ class ModelRunner:
         decode = not media_parts and bool((lengths == 1).all())
         step = StepInput(torch.tensor(ids), step_positions(flat_positions, prompt_mrope, decode), meta,
                          torch.cat(media_parts) if media_parts else None,
-                         torch.tensor(media_rows) if media_parts else None, torch.tensor(sample_rows, dtype=torch.long),
-                         pending_rows, pending_src)
-        return step, sample_seqs
+                         torch.tensor(media_rows) if media_parts else None,
+                         torch.tensor(sample_rows + prompt_rows, dtype=torch.long), pending_rows, pending_src)
+        return step, logit_rows
 
     def media_for(self, seq: Sequence, start: int, end: int,
                   encoded: dict[str, torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:

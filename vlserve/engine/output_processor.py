@@ -23,6 +23,7 @@ class RequestState:
     open_samples: set[int]  # indices not finished yet
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None  # [None, then a Logprob per prompt position] as they arrive
 
 
 @dataclass
@@ -39,8 +40,9 @@ class OutputProcessor:
     def add(self, req: EngineRequest) -> None:
         detoks = [IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params, self.eos_ids)
                   for _ in range(req.params.n)]
-        self.requests[req.request_id] = RequestState(req.request_id, req.prompt_token_ids, detoks,
-                                                     set(range(req.params.n)), RequestMetrics(req.arrival_time))
+        self.requests[req.request_id] = RequestState(
+            req.request_id, req.prompt_token_ids, detoks, set(range(req.params.n)), RequestMetrics(req.arrival_time),
+            prompt_logprobs=None if req.params.prompt_logprobs is None else [None])
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Forgets the request; returns its final delta (every open sample ends with "abort"), None if unknown."""
@@ -61,6 +63,10 @@ class OutputProcessor:
             state = self.requests.get(out.request_id)
             if state is None or out.index not in state.open_samples:
                 continue  # aborted, or a token sampled after a stop string had ended the sample
+            if out.prompt_logprobs:
+                state.prompt_logprobs.extend(out.prompt_logprobs)
+            if not out.token_ids and not out.finish_reason:
+                continue  # prompt logprobs alone: no delta yet
             delta = self.sample_delta(state, out, now)
             if delta.finish_reason:
                 state.open_samples.discard(out.index)
@@ -100,4 +106,4 @@ class OutputProcessor:
 
     def request_output(self, state: RequestState, outputs: list[CompletionOutput], finished: bool) -> RequestOutput:
         return RequestOutput(state.request_id, state.prompt_token_ids, outputs, finished, state.metrics,
-                             num_cached_tokens=state.num_cached_tokens)
+                             num_cached_tokens=state.num_cached_tokens, prompt_logprobs=state.prompt_logprobs)

@@ -48,6 +48,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # prompt_logprobs: None for the first token, then per prompt token its Logprob (its logprob and the top ones)
+    prompt_logprobs: list | None = None
 
     @classmethod
     def start(cls, delta: "RequestOutput") -> "RequestOutput":
@@ -64,3 +66,4 @@ class RequestOutput:
                 self.outputs.sort(key=lambda o: o.index)
             mine.extend(out)
         self.finished, self.metrics, self.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens
+        self.prompt_logprobs = delta.prompt_logprobs

@@ -40,6 +40,8 @@ class CoreOutput:
     stop_reason: int | None = None  # the request's own stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     scheduled_time: float | None = None  # when the sample was first scheduled (time.monotonic, same clock)
+    # prompt_logprobs: the next prompt positions' (scores arrive in order, a chunk of the prompt at a time)
+    prompt_logprobs: list[Logprob] | None = None
 
 
 @dataclass

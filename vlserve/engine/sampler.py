@@ -62,6 +62,26 @@ class SampledTokens:
         return SamplerOutput(host[0].tolist(), out)
 
 
+@dataclass
+class PromptScores:
+    """A step's prompt logprobs on their way to the host: per scored position, the prompt token's logprob and the
+    most likely tokens there (as many as its request asked)."""
+
+    copy: HostCopy
+    counts: list[int]
+
+    @staticmethod
+    def of(logits: torch.Tensor, targets: list[int], counts: list[int]) -> "PromptScores":
+        """From the logits of the tokens before each target (raw: as sampling logprobs are)."""
+        raw = logits.float()
+        tokens = device_tensor(targets, torch.long, raw.device)
+        return PromptScores(HostCopy(*logprobs_of(raw, tokens, list(range(len(targets))), counts)), counts)
+
+    def read(self) -> list[Logprob]:
+        chosen, values, ids = (t.tolist() for t in self.copy.read())
+        return [Logprob(c, list(zip(i[:n], v[:n]))) for c, v, i, n in zip(chosen, values, ids, self.counts)]
+
+
 class Sampler:
     """`eos_ids` are blocked (with params.stop_token_ids) until min_tokens; `generator` drives unseeded rows."""
 
@@ -86,7 +106,7 @@ class Sampler:
         tokens = self._sample(logits, seqs, history)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         counts = [seqs[i].params.logprobs for i in rows]
-        return SampledTokens(tokens, HostCopy(tokens, *_logprobs(raw, tokens, rows, counts)), rows, counts)
+        return SampledTokens(tokens, HostCopy(tokens, *logprobs_of(raw, tokens, rows, counts)), rows, counts)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], history: "History") -> torch.Tensor:
         tokens = logits.argmax(dim=-1)  # greedy rows: exactly the argmax of the penalised logits
@@ -290,7 +310,7 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return logits.masked_fill(logits < cutoff, -float("inf"))
 
 
-def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], counts: list[int]) -> tuple:
+def logprobs_of(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], counts: list[int]) -> tuple:
     """(chosen logprob, top values, top ids) of `rows` on the device; () when no row asked. From the model's raw
     distribution (log_softmax of the unmodified logits), as OpenAI and vLLM's default report them: penalties,
     temperature and filters do not change them."""

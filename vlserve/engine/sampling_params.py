@@ -89,6 +89,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the logits of these token ids (OpenAI: -100 to 100)
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
     structured_outputs: StructuredOutputsParams | None = None
+    prompt_logprobs: int | None = None  # logprob of each prompt token and this many most likely (vLLM's)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: --max-model-len's worth)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -153,6 +155,14 @@ class SamplingParams:
             if self.min_tokens:
                 bad("min_tokens", "cannot be combined with structured output: the grammar decides where the output "
                                   "may end; drop min_tokens")
+        if self.truncate_prompt_tokens is not None:
+            number("truncate_prompt_tokens", self.truncate_prompt_tokens, ints=True)
+            if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
+                bad("truncate_prompt_tokens", f"must be a positive count or -1, got {self.truncate_prompt_tokens}")
+        if self.prompt_logprobs is not None:
+            number("prompt_logprobs", self.prompt_logprobs, ints=True)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if self.logprobs is not None:
             number("logprobs", self.logprobs, ints=True)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -32,6 +32,11 @@ class ScheduledSeq:
     start: int  # the first token computed this step
     num_new_tokens: int  # computed this step
     samples: bool  # the chunk reaches the last token: the step samples the next one
+    prompt_positions: range = range(0)  # prompt positions whose logprobs the chunk's logits give (prompt_logprobs)
+
+    @property
+    def logit_rows(self) -> int:
+        return self.samples + len(self.prompt_positions)
 
     @property
     def end(self) -> int:
@@ -61,6 +66,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total, for metrics
         self.departed: list[int] = []  # reported by the next schedule
+        self.rows_left = cfg.max_num_seqs  # logits rows the step being scheduled may still compute
 
     @property
     def num_waiting(self) -> int:
@@ -84,6 +90,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget, short_of_blocks = self.cfg.max_num_batched_tokens, False
         max_seqs = max_seqs or self.cfg.max_num_seqs
+        # Logits rows: one a sampling sequence, one a prompt logprob; at most --max-num-seqs, as memory was sized
+        self.rows_left = self.cfg.max_num_seqs
         for seq in list(self.running):  # a copy: making room may preempt the newest
             if not budget or seq.status != SequenceStatus.RUNNING or len(out.scheduled) == max_seqs:
                 break  # out of tokens, seq was preempted to make room for an older one, or the batch is full
@@ -91,7 +99,9 @@ class Scheduler:
                 continue  # its last step's token has not come back yet (a grammar's next mask needs it)
             if self._done_after_pending(seq):
                 continue  # its pending token is its last: nothing more to compute
-            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
+            num_new = self._rows_cap(seq, min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget))
+            if not num_new:
+                continue  # its prompt logprobs' rows do not fit this step
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
                 short_of_blocks = True  # seq preempted itself, or the newest is in flight and cannot make room
                 break
@@ -148,10 +158,17 @@ class Scheduler:
         if seq.num_pending_tokens:
             return None  # preempted while its last token was in flight: it recomputes once the token is here
         cached = self.block_manager.cached_prefix_len(seq)
-        num_new = min(seq.num_tokens - cached, budget)
+        num_new = self._rows_cap(seq, min(seq.num_tokens - cached, budget))
+        if not num_new:
+            return None
         if num_new < seq.num_tokens - cached and not self.cfg.enable_chunked_prefill:
             return None
         return (cached, num_new) if self.block_manager.can_allocate(seq, cached + num_new) else None
+
+    def _rows_cap(self, seq: Sequence, num_new: int) -> int:
+        """num_new, cut so a chunk owing prompt logprobs keeps its logits rows (and maybe a sample's) within the
+        step's; 0 when none are left. Chunked prefill is on: the input processor refuses the case without it."""
+        return min(num_new, max(0, self.rows_left - 1)) if seq.owes_prompt_logprobs else num_new
 
     def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput) -> None:
         self.block_manager.allocate(seq, start + num_new)
@@ -159,7 +176,11 @@ class Scheduler:
         self.block_manager.mark_computed(seq)
         samples = seq.num_computed_tokens == seq.num_tokens_with_pending
         seq.num_pending_tokens += samples
-        out.scheduled.append(ScheduledSeq(seq, start, num_new, samples))
+        scored = seq.prompt_logprob_positions(start, start + num_new)
+        seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, scored.stop)
+        item = ScheduledSeq(seq, start, num_new, samples, scored)
+        self.rows_left -= item.logit_rows
+        out.scheduled.append(item)
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Preempts the newest running sequences until seq's first num_tokens tokens fit; False if seq went, or if

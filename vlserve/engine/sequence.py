@@ -66,6 +66,7 @@ class Sequence:
     in_flight: int = 0  # steps holding this sequence whose results have not come back
     prompt_ids_tensor: torch.Tensor | None = None  # the sampler's copy of the prompt ids on the logits' device
     grammar: Any = None  # structured output: this sample's xgrammar matcher (engine/structured.py)
+    prompt_logprobs_next: int = 1  # the next prompt position whose logprob is owed (the first token has none)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -91,6 +92,19 @@ class Sequence:
         """token_ids[start:end], without copying the whole sequence."""
         p = len(self.prompt_token_ids)
         return self.prompt_token_ids[start:end] + self.output_token_ids[max(start - p, 0):max(end - p, 0)]
+
+    @property
+    def owes_prompt_logprobs(self) -> bool:
+        """prompt_logprobs asked and not all computed: sample 0 computes them (the others share its prompt)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and self.prompt_logprobs_next < self.num_prompt_tokens)
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """The prompt positions whose logprobs tokens [start, end) give and are still owed: token i's logits score
+        token i + 1."""
+        if not self.owes_prompt_logprobs:
+            return range(0)
+        return range(max(start + 1, self.prompt_logprobs_next), min(end + 1, self.num_prompt_tokens))
 
     @property
     def is_finished(self) -> bool:

@@ -70,3 +70,13 @@ def check_indexed_ids(params: SamplingParams, vocab_size: int) -> None:
     if bad:
         raise InvalidRequestError(f"token ids {bad[:5]} in logit_bias or allowed_token_ids are not in this model's "
                                   f"vocabulary (0 to {vocab_size - 1})")
+
+
+def check_prompt_logprobs(num_tokens: int, params: SamplingParams, config) -> None:
+    """Prompt logprobs take a logits row per prompt token, at most --max-num-seqs a step (the memory the engine
+    sized): a longer prompt must be split over steps, which needs chunked prefill."""
+    if params.prompt_logprobs is not None and not config.enable_chunked_prefill and num_tokens >= config.max_num_seqs:
+        raise InvalidRequestError(
+            f"prompt_logprobs for a prompt of {num_tokens} tokens needs chunked prefill (its logits are computed "
+            f"{config.max_num_seqs} rows a step, --max-num-seqs); start the server without "
+            "--no-enable-chunked-prefill, or send a prompt under that length")

@@ -45,7 +45,7 @@ class InputProcessor:
         cfg = ModelConfig.from_dir(config.model)
         max_len = config.model_len(cfg)
         capacity = capacity or Capacity(max_len, -(-max_len // config.block_size), config.block_size)
-        return cls(config, cfg, load_tokenizer(config.model), capacity)
+        return cls(config, cfg, load_tokenizer(config.tokenizer_dir, config.chat_template), capacity)
 
     def chat(self, request_id: str, messages: Any, params: SamplingParams, mm_kwargs: dict | None = None,
              rendering: Rendering = Rendering()) -> EngineRequest:
@@ -75,7 +75,8 @@ class InputProcessor:
         checks.check_media_count([ref.modality for ref in refs], self.limits)
         self.item_options(None, mm_kwargs)  # the request's own media options are checked even without media
         options = [self.item_options(ref, mm_kwargs) for ref in refs]
-        text_tokens = checks.min_text_tokens(text_chars, self.token_chars)
+        keep = self.kept_tokens(params)
+        text_tokens = min(checks.min_text_tokens(text_chars, self.token_chars), keep or max_len)
         checks.check_length(text_tokens + len(refs), params.max_tokens, max_len, exact=False)
         sources, media_tokens = [], 0
         for ref, opts in zip(refs, options):  # each item's bytes, then its size: refused at the first too many
@@ -83,6 +84,12 @@ class InputProcessor:
             media_tokens += grid_tokens(self.located(probe, ref, sources[-1]), self.media.merge_size)
             checks.check_length(text_tokens + media_tokens, params.max_tokens, max_len, exact=False)
         ids = tokenize()
+        if keep is not None and len(ids) > keep:
+            if refs:
+                raise InvalidRequestError(f"truncate_prompt_tokens {keep} would drop the first {len(ids) - keep} "
+                                          "tokens of a prompt with images or videos; vlserve truncates text prompts "
+                                          "only: send a shorter one")
+            ids = ids[-keep:]
         checks.check_token_ids(ids, self.model_config.vocab_size)
         check_placeholders(ids, [ref.modality for ref in refs], self.model_config)
         self.check_prompt(len(ids) - len(refs) + media_tokens, params)
@@ -91,6 +98,11 @@ class InputProcessor:
         if decoded_tokens != media_tokens:  # a video whose container miscounted its frames
             self.check_prompt(len(ids) - len(refs) + decoded_tokens, params)
         return self.engine_request(request_id, ids, items, params)
+
+    def kept_tokens(self, params: SamplingParams) -> int | None:
+        """truncate_prompt_tokens as a count (-1: as many as --max-model-len leaves room for)."""
+        keep = params.truncate_prompt_tokens
+        return self.capacity.max_model_len - (params.max_tokens or 1) if keep == -1 else keep
 
     def item_options(self, ref: MediaRef | None, mm_kwargs: dict | None):
         """The server's media options, tightened by the request's mm_processor_kwargs, then by the part's own."""
@@ -102,6 +114,7 @@ class InputProcessor:
     def check_prompt(self, num_tokens: int, params: SamplingParams) -> None:
         checks.check_length(num_tokens, params.max_tokens, self.capacity.max_model_len)
         checks.check_fits(num_tokens, self.max_tokens(num_tokens, params), self.capacity)
+        checks.check_prompt_logprobs(num_tokens, params, self.config)
 
     def max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         return params.max_tokens or self.capacity.max_model_len - num_prompt_tokens

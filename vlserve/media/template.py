@@ -15,14 +15,16 @@ from typing import Any, Literal
 
 import jinja2
 import transformers
+from transformers.utils.chat_template_utils import _compile_jinja_template
 from PIL import Image
 
 from vlserve.config import ModelConfig
 from vlserve.errors import ConfigError, InvalidRequestError
 from vlserve.engine.sequence import MediaSpan
 from vlserve.media.item import MediaItem
+from vlserve.media.templates import TOOLS_TEMPLATE
 
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system, rendered as one
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer system, rendered as one
 RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
                                       "add_generation_prompt", "continue_final_message", "return_dict", "padding",
                                       "truncation", "max_length", "return_tensors", "tokenizer_kwargs"})
@@ -44,6 +46,7 @@ class Rendering:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict | None = None
+    tools: list[dict] | None = None  # OpenAI's tool definitions, listed by the template for the model
 
     def __post_init__(self):
         if self.add_generation_prompt and self.continue_final_message:
@@ -64,7 +67,9 @@ class MediaRef:
     overrides: dict[str, int] = field(default_factory=dict)  # MediaOptions field -> value
 
 
-def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of the folder `model_dir` (a checkpoint's, or --tokenizer's), with `chat_template` (a file,
+    or the template's text: --chat-template) in place of its own."""
     if not Path(model_dir).is_dir():
         raise ConfigError(f"model folder {model_dir} does not exist; pass a folder holding a Hugging Face checkpoint")
     try:
@@ -76,7 +81,24 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
     processor_template = Path(model_dir) / "chat_template.json"
     if not tokenizer.chat_template and processor_template.is_file():
         tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the template itself (as vLLM takes it); refused if it does not parse."""
+    looks_like_path = "{" not in value and "\n" not in value
+    if looks_like_path:
+        if not Path(value).is_file():
+            raise ConfigError(f"--chat-template {value!r} is not a file (nor a Jinja template: it has no '{{'); "
+                              f"pass a .jinja file, e.g. {TOOLS_TEMPLATE}")
+        value = Path(value).read_text()
+    try:
+        _compile_jinja_template(value)  # as transformers will render it (its extensions and filters)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template does not parse as Jinja (line {e.lineno}: {e.message})") from e
+    return value
 
 
 def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfig, chat: list[dict],
@@ -86,10 +108,14 @@ def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfi
     if not tokenizer.chat_template:
         raise InvalidRequestError(f"the checkpoint {Path(cfg.path).name!r} has no chat template, so it cannot serve "
                                   "chat requests; send a plain prompt to the completions endpoint instead")
+    if rendering.tools and "tools" not in tokenizer.chat_template:
+        raise InvalidRequestError(
+            f"the chat template of {Path(cfg.path).name!r} does not show tools to the model (Qwen2.5-VL's own does "
+            f"not); start the server with --chat-template {TOOLS_TEMPLATE} (its template plus Qwen's tool format)")
     try:
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=rendering.add_generation_prompt,
                                              continue_final_message=rendering.continue_final_message,
-                                             **(rendering.template_kwargs or {}))
+                                             tools=rendering.tools, **(rendering.template_kwargs or {}))
     except (jinja2.TemplateError, ValueError) as e:  # ValueError: no final message text to continue
         raise InvalidRequestError(f"the model's chat template refused these messages: {e}") from e
     # The template already wrote every special token; adding more (a BOS) would differ from training.
@@ -149,13 +175,40 @@ def _parse_message(i: int, message: Any, refs: list[MediaRef]) -> dict:
         raise InvalidRequestError(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}")
     role = "system" if role == "developer" else role
     content = message.get("content")
+    extra = _tool_fields(where, role, message)
+    if content is None and "tool_calls" in extra:
+        return {"role": role, "content": "", **extra}
     if isinstance(content, str):
-        return {"role": role, "content": content}
+        return {"role": role, "content": content, **extra}
     if not isinstance(content, list) or not content:
         raise InvalidRequestError(f"{where}.content must be a string or a non-empty list of parts such as "
                                   f"{PART_EXAMPLES['text']}, got {_describe(content)}")
     parts = [_parse_part(f"{where}.content[{j}]", role, part, refs) for j, part in enumerate(content)]
-    return {"role": role, "content": parts}
+    return {"role": role, "content": parts, **extra}
+
+
+def _tool_fields(where: str, role: str, message: dict) -> dict:
+    """An assistant's tool_calls (arguments parsed: templates write them as JSON objects) and a tool message's
+    tool_call_id, as chat templates read them."""
+    if role == "tool":
+        return {"tool_call_id": message["tool_call_id"]} if isinstance(message.get("tool_call_id"), str) else {}
+    calls = message.get("tool_calls")
+    if role != "assistant" or not calls:
+        return {}
+    parsed = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(f"{where}.tool_calls[{j}] needs a function with a name, e.g. "
+                                      '{"type": "function", "function": {"name": "f", "arguments": "{}"}}')
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (json.JSONDecodeError, TypeError) as e:
+            raise InvalidRequestError(f"{where}.tool_calls[{j}].function.arguments is not JSON text ({e}); send "
+                                      "the arguments as a JSON string, as the model returned them") from e
+        parsed.append({"type": "function", "id": call.get("id"),
+                       "function": {"name": function["name"], "arguments": arguments}})
+    return {"tool_calls": parsed}
 
 
 def _parse_part(where: str, role: str, part: Any, refs: list[MediaRef]) -> dict:

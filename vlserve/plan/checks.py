@@ -104,9 +104,16 @@ def pipeline_parallel(cfg: ModelConfig, pp: int, partition: tuple[int, ...] | No
     return None
 
 
-def quantization(cfg: ModelConfig) -> Problem | None:
+def quantization(cfg: ModelConfig, flag: str | None = None) -> Problem | None:
+    """The checkpoint's quantization is one vlserve plans, and --quantization (if given) names it."""
     q = cfg.quantization
-    if not q or q.get("quant_method") == "awq" and int(q.get("bits", 4)) == 4:
+    method = q.get("quant_method") if q else None
+    if flag is not None and flag.lower() != str(method).lower():
+        return Problem("quantization_flag", f"--quantization {flag} does not match the checkpoint: its config.json "
+                       + (f"says quant_method {method!r}" if q else "has no quantization_config (its weights are not "
+                          "quantized; vlserve does not quantize at load)"),
+                       "drop --quantization: vlserve reads the method from config.json")
+    if not q or method == "awq" and int(q.get("bits", 4)) == 4:
         return None
     return Problem("quantization", f"{cfg.path}: quantization {q.get('quant_method')!r} with {q.get('bits')} bits is "
                    "not one vlserve plans or serves", "use the bf16 checkpoint or a 4-bit AWQ one")

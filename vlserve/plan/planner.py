@@ -200,7 +200,7 @@ class Planner:
         partition = self.partition(pp)
         placed, where = checks.placement(self.inventory, tp, pp)
         cards = [stage_cards for _, stage_cards in placed]
-        found = [checks.quantization(cfg), checks.tensor_parallel(cfg, tp, s.mm_encoder_tp_mode),
+        found = [checks.quantization(cfg, self.engine.quantization), checks.tensor_parallel(cfg, tp, s.mm_encoder_tp_mode),
                  checks.awq_alignment(cfg, tp), checks.vision_split(cfg, tp, s.mm_encoder_tp_mode),
                  checks.pipeline_parallel(cfg, pp, partition), where]
         used = list(dict.fromkeys(card for stage in cards for card in stage))

@@ -34,6 +34,7 @@ from vlserve.serve.responses import (
     TokenText, chat_response, chat_stream, collect, completion_response, completion_stream,
 )
 from vlserve.serve.sampling import sampling_defaults, sampling_params
+from vlserve.serve.tools import ToolMode, template_tools, tool_grammar, tool_mode
 
 log = logging.getLogger("vlserve.serve")
 DISCONNECT_POLL_S = 0.5
@@ -48,6 +49,8 @@ class ServerState:
     max_pending_requests: int  # running + waiting; beyond it requests get 503 and Retry-After
     max_request_body_mib: float = 32.0
     metrics_prefix: str = "vlserve"  # vllm: the families under vLLM's names, for its dashboards
+    auto_tools: bool = False  # --enable-auto-tool-choice (with --tool-call-parser hermes): tool_choice "auto"
+    log_requests: bool = True  # --disable-log-requests: no line per request
     pending: int = 0
     draining: bool = False
 
@@ -117,16 +120,17 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(raw: Request):
         req = await parsed(engine, raw, ChatCompletionRequest)
         check_model(req.model, state)
+        mode = tool_mode(req.tools, req.tool_choice, state.auto_tools)
         with admitted(state):
             # no local name keeps the request (and its pixels) alive in this frame while it runs
-            stream = tracked(await engine.process(chat_request, engine, req, defaults))
+            stream = tracked(await engine.process(chat_request, engine, req, defaults, mode))
             token_text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
             if req.stream:
                 return sse_response(chat_stream(stream, state.served_model_name, req.n, req.stream_options,
-                                                token_text))
+                                                token_text, mode))
             (final,) = await until_disconnect(collect([stream]), raw)
-            body = await engine.process(lambda: chat_response(final, state.served_model_name,
-                                                              token_text).model_dump_json())
+            body = await engine.process(lambda: chat_response(final, state.served_model_name, token_text,
+                                                              mode).model_dump_json())
             return Response(body, media_type="application/json")
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
@@ -143,7 +147,7 @@ def build_app(state: ServerState) -> FastAPI:
                                                       token_text, echoes))
             finals = await until_disconnect(collect(streams), raw)
             body = await engine.process(lambda: completion_response(finals, state.served_model_name, req.n,
-                                                                    token_text, echoes).model_dump_json())
+                                                                    token_text, echoes, req).model_dump_json())
             return Response(body, media_type="application/json")
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
@@ -175,7 +179,7 @@ async def parsed(engine: AsyncEngine, raw: Request, model: type[BaseModel]):
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
     ignored = ignored_fields(request)
-    if ignored:
+    if ignored and raw.app.state.vlserve.log_requests:
         log.info("%s %s: ignored fields it does not use: %s", raw.method, raw.url.path, ", ".join(ignored[:20]))
     return request
 
@@ -199,14 +203,19 @@ def openapi_with_bodies(app: FastAPI, models) -> dict:
     return app.openapi_schema
 
 
-def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict):
+def chat_request(engine: AsyncEngine, req: ChatCompletionRequest, defaults: dict, mode: ToolMode):
     """The input processor's EngineRequest for a chat request (runs in the engine's thread pool)."""
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true")
+    forced, asked = tool_grammar(req.tools, mode, req.parallel_tool_calls), req.structured()
+    if forced and asked:
+        raise InvalidRequestError(f"tool_choice {mode.choice!r} already makes the output a call; drop "
+                                  "response_format and guided_* (or use tool_choice auto or none)")
     params = sampling_params(req, defaults, req.max_completion_tokens or req.max_tokens,
-                             (req.top_logprobs or 0) if req.logprobs else None)
+                             (req.top_logprobs or 0) if req.logprobs else None, forced or asked)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs, req.rendering())
+    return engine.inputs.chat(new_id("chatcmpl"), messages, params, req.mm_processor_kwargs,
+                              req.rendering(template_tools(req.tools)))
 
 
 def tokenized(engine: AsyncEngine, req: TokenizeRequest) -> TokenizeResponse:
@@ -218,7 +227,7 @@ def tokenized(engine: AsyncEngine, req: TokenizeRequest) -> TokenizeResponse:
     else:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         ids = engine.inputs.chat(new_id("tok"), messages, params, req.mm_processor_kwargs,
-                                 req.rendering()).prompt_token_ids
+                                 req.rendering(template_tools(req.tools))).prompt_token_ids
     strs = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=engine.capacity.max_model_len, tokens=ids, token_strs=strs)
 
@@ -235,7 +244,9 @@ def detokenized(engine: AsyncEngine, req: DetokenizeRequest) -> DetokenizeRespon
 def completion_requests(engine: AsyncEngine, req: CompletionRequest, defaults: dict):
     """One EngineRequest per prompt (OpenAI allows a batch of prompts in one call), all checked before any runs;
     and per prompt the text its choices start with (the prompt's, with `echo`)."""
-    params = sampling_params(req, defaults, req.max_tokens, req.logprobs)
+    echo_scores = req.echo and req.logprobs is not None  # the prompt's tokens get logprobs like the output's
+    params = sampling_params(req, defaults, req.max_tokens, req.logprobs, req.structured(),
+                             max(req.prompt_logprobs or 0, req.logprobs) if echo_scores else None)
     prompts = req.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]

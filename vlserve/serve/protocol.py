@@ -3,7 +3,7 @@
 As vLLM's server does, a request may carry fields vlserve does not use (OpenAI's `store`, `metadata`, `user`, a
 framework's own keys, extra keys inside messages): they are accepted and named in the log (`ignored_fields`).
 Fields that would change the answer are never ignored: vlserve either serves them or refuses the request with 400
-and what to change (`tools`, `response_format` json modes, `logit_bias`, guided decoding, for now).
+and what to change.
 """
 
 import time
@@ -12,11 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlserve.errors import InvalidRequestError
+
+from vlserve.engine.sampling_params import StructuredOutputsParams
 from vlserve.media.template import Rendering
 
 INT64 = 2**63  # seeds are int64 in vLLM's and OpenAI's schema
-NOT_YET = ("{field} is not supported by vlserve yet, and ignoring it would change the answer; drop it from the "
-           "request")
+MAX_TOOLS = 128  # as OpenAI's
 
 
 class RequestPart(BaseModel):
@@ -63,10 +65,80 @@ class VideoPart(RequestPart):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(RequestPart):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(RequestPart):
+    """A call the assistant made (in the history a client sends back)."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(RequestPart):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    @model_validator(mode="after")
+    def content_unless_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
+                             "leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong in assistant messages, not {self.role}")
+        return self
+
+
+class FunctionDefinition(RequestPart):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # the arguments follow the schema (tool_choice required or named guarantee it)
+
+
+class Tool(RequestPart):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestPart):
+    name: str
+
+
+class NamedToolChoice(RequestPart):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(RequestPart):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(RequestPart):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_with_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('type "json_schema" takes a json_schema object ({"name": ..., "schema": {...}}), and '
+                             "only it does")
+        return self
+
+    def grammar(self) -> dict | None:
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            return {"json": self.json_schema.schema_}
+        return None
 
 
 class StreamOptions(RequestPart):
@@ -96,13 +168,25 @@ class SamplingFields(RequestPart):
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:42" (vLLM's), for bytes no text holds
     user: str | None = None  # accepted for client compatibility; not used
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    # vLLM's structured output: its older guided_* fields and the newer structured_outputs object
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's (chat); vLLM takes it on completions too
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and this many most likely
+    best_of: int | None = None  # refused above 1: vlserve does not rank samples
+    use_beam_search: bool = False  # refused: no beam search
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last N tokens (-1: what fits)
 
     @field_validator("logit_bias")
     @classmethod
-    def no_logit_bias(cls, value):
-        if value:
-            raise ValueError(NOT_YET.format(field="logit_bias"))
+    def token_id_keys(cls, value):
+        if value is not None and not all(k.isdigit() for k in value):
+            raise ValueError("keys must be token ids (as strings, e.g. {\"50256\": -100})")
         return value
 
     @model_validator(mode="after")
@@ -111,27 +195,44 @@ class SamplingFields(RequestPart):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    @model_validator(mode="before")
-    @classmethod
-    def no_guided_decoding(cls, data):
-        guided = [k for k in GUIDED_FIELDS if isinstance(data, dict) and data.get(k) is not None]
-        if guided:
-            raise ValueError(NOT_YET.format(field=", ".join(guided)) + " (structured output is planned)")
-        return data
+    @model_validator(mode="after")
+    def no_beam_search(self):
+        if self.use_beam_search or (self.best_of or 1) > 1:
+            raise ValueError("vlserve does not run beam search or rank best_of samples; drop use_beam_search and "
+                             "best_of (n samples with temperature give several answers)")
+        return self
 
+    @model_validator(mode="after")
+    def prompt_scores_in_whole_responses(self):
+        if self.stream and self.scores_prompt:
+            raise ValueError("prompt logprobs (prompt_logprobs, or echo with logprobs) come in whole responses only; "
+                             "drop stream or them")
+        return self
 
-GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None
 
-
-class ResponseFormat(RequestPart):
-    type: Literal["text", "json_object", "json_schema"]
-
-    @field_validator("type")
-    @classmethod
-    def text_only(cls, value):
-        if value != "text":
-            raise ValueError(NOT_YET.format(field=f"response_format {value}") + " (structured output is planned)")
-        return value
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one grammar of the request, from whichever field set it; two set is a conflict."""
+        given = {name: value for name, value in (
+            ("guided_json", self.guided_json and {"json": self.guided_json}),
+            ("guided_regex", self.guided_regex and {"regex": self.guided_regex}),
+            ("guided_choice", self.guided_choice and {"choice": self.guided_choice}),
+            ("guided_grammar", self.guided_grammar and {"grammar": self.guided_grammar}),
+            ("structured_outputs", self.structured_outputs),
+            ("response_format", self.response_format and self.response_format.grammar())) if value}
+        if len(given) > 1:
+            raise InvalidRequestError(f"{' and '.join(given)} each set a structured output; send one")
+        if not given:
+            return None
+        (name, fields), = given.items()
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError as e:  # an unknown key in structured_outputs
+            raise InvalidRequestError(f"{name}: {e}; its keys are json, regex, choice, grammar, json_object") from e
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{name}: {e}") from e
 
 
 class ChatFields(RequestPart):
@@ -141,8 +242,8 @@ class ChatFields(RequestPart):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (e.g. its own switches)
 
-    def rendering(self) -> Rendering:
-        return Rendering(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs)
+    def rendering(self, tools: list[dict] | None = None) -> Rendering:
+        return Rendering(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs, tools)
 
 
 class ChatCompletionRequest(SamplingFields, ChatFields):
@@ -152,29 +253,20 @@ class ChatCompletionRequest(SamplingFields, ChatFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     mm_processor_kwargs: dict[str, float] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def no_tools(cls, value):
-        if value:
-            raise ValueError(NOT_YET.format(field="tools") + " (tool calling is planned)")
-        return value
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False  # the prompt's text before each choice's (with logprobs it would need prompt logprobs)
+    echo: bool = False  # the prompt's text before each choice's (with logprobs: the prompt tokens' logprobs too)
 
-    @model_validator(mode="after")
-    def echo_without_logprobs(self):
-        if self.echo and self.logprobs is not None:
-            raise ValueError(NOT_YET.format(field="echo with logprobs (the prompt's logprobs)"))
-        return self
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
 
 class TokenizeRequest(ChatFields):
@@ -184,6 +276,7 @@ class TokenizeRequest(ChatFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # listed in the prompt, as a chat would
     mm_processor_kwargs: dict[str, float] | None = None
     return_token_strs: bool = False
 
@@ -232,9 +325,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(BaseModel):
@@ -267,11 +372,25 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: "PromptLogprobs | None" = None  # vLLM's
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int  # which call of the choice: a call's deltas share it
+    id: str | None = None  # in its first delta
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -292,9 +411,25 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: the prompt's first token (echo), which has no logprob
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+    def __add__(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        return CompletionLogprobs(tokens=self.tokens + other.tokens,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  top_logprobs=self.top_logprobs + other.top_logprobs,
+                                  text_offset=self.text_offset + other.text_offset)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's form of one token's entry in prompt_logprobs."""
+    logprob: float
+    rank: int | None = None  # 1 = the most likely; None for the prompt's token outside the top ones
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt position: token id -> entry; None first
 
 
 class CompletionChoice(BaseModel):
@@ -302,6 +437,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -341,3 +477,6 @@ class ErrorResponse(BaseModel):
 
 def error_json(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status)).model_dump()
+
+
+ChatCompletionResponse.model_rebuild()

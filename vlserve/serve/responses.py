@@ -11,9 +11,10 @@ from vlserve.engine.sampler import Logprob
 from vlserve.serve.errors import status_of
 from vlserve.serve.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
-    CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage, StreamOptions, TokenLogprob, TopLogprob,
-    Usage, error_json, new_id,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, FunctionCallOut,
+    PromptLogprob, PromptLogprobs, StreamOptions, TokenLogprob, ToolCallOut, TopLogprob, Usage, error_json, new_id,
 )
+from vlserve.serve.tools import ChoiceTools, ToolMode, whole_choice
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -55,21 +56,38 @@ class TokenText:
             content.append(TokenLogprob(**top.model_dump(), top_logprobs=[self.top(t, p) for t, p in lp.top]))
         return ChoiceLogprobs(content=content)
 
-    def completion(self, token_ids: list[int], logprobs: list[Logprob] | None, offset: int
-                   ) -> CompletionLogprobs | None:
+    def completion(self, token_ids: list[int], logprobs: list[Logprob | None] | None, offset: int,
+                   count: int | None = None) -> CompletionLogprobs | None:
         """OpenAI's legacy form: per token its text, logprob, offset and the `logprobs` most likely tokens plus the
-        sampled one (so `logprobs: 0` gives the sampled token alone)."""
+        sampled one (so `logprobs: 0` gives the sampled token alone). A None entry (the prompt's first token, with
+        echo) has no logprob; `count` cuts the top entries (prompt logprobs may hold more)."""
         if logprobs is None:
             return None
         tokens, chosen, top, offsets = [], [], [], []
         for token_id, lp in zip(token_ids, logprobs):
             text = self.text(token_id)
             tokens.append(text)
-            chosen.append(lp.logprob)
-            top.append({self.text(t): p for t, p in lp.top} | {text: lp.logprob})
+            chosen.append(None if lp is None else lp.logprob)
+            top.append(None if lp is None else {self.text(t): p for t, p in lp.top[:count]} | {text: lp.logprob})
             offsets.append(offset)
             offset += len(text)
         return CompletionLogprobs(tokens=tokens, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
+
+    def prompt(self, token_ids: list[int], logprobs: list[Logprob | None] | None) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs: per position the prompt token's entry and the most likely ones (rank 1 first)."""
+        if logprobs is None:
+            return None
+        out = []
+        for token_id, lp in zip(token_ids, logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            entries = {str(t): PromptLogprob(logprob=p, rank=r, decoded_token=self.text(t))
+                       for r, (t, p) in enumerate(lp.top, 1)}
+            ranks = [r for r, (t, _) in enumerate(lp.top, 1) if t == token_id]
+            out.append({str(token_id): PromptLogprob(logprob=lp.logprob, rank=ranks[0] if ranks else None,
+                                                     decoded_token=self.text(token_id))} | entries)
+        return out
 
 
 async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -118,25 +136,40 @@ async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOu
     return finals
 
 
-def chat_response(final: RequestOutput, model: str, token_text: TokenText) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=o.index, message=ChatMessage(content=o.text), finish_reason=o.finish_reason,
-                          logprobs=token_text.chat(o.token_ids, o.logprobs)) for o in final.outputs]
+def chat_response(final: RequestOutput, model: str, token_text: TokenText,
+                  mode: ToolMode = ToolMode()) -> ChatCompletionResponse:
+    choices = []
+    for o in final.outputs:
+        content, calls, chose = whole_choice(o.text, mode)
+        calls_out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                     for c in calls]
+        reason = "tool_calls" if chose and o.finish_reason == "stop" else o.finish_reason
+        choices.append(ChatChoice(index=o.index, message=ChatMessage(content=content, tool_calls=calls_out),
+                                  finish_reason=reason, logprobs=token_text.chat(o.token_ids, o.logprobs)))
     completion = sum(len(o.token_ids) for o in final.outputs)
     return ChatCompletionResponse(model=model, choices=choices,
-                                  usage=usage(len(final.prompt_token_ids), completion, final.num_cached_tokens))
+                                  usage=usage(len(final.prompt_token_ids), completion, final.num_cached_tokens),
+                                  prompt_logprobs=token_text.prompt(final.prompt_token_ids, final.prompt_logprobs))
 
 
 def completion_response(finals: list[RequestOutput], model: str, n: int, token_text: TokenText,
-                        echoes: list[str]) -> CompletionResponse:
-    """`echoes`: per prompt, the text put before each of its choices (the prompt itself with `echo`, else "")."""
+                        echoes: list[str], req: CompletionRequest) -> CompletionResponse:
+    """`echoes`: per prompt, the text put before each of its choices (the prompt itself with `echo`, else "");
+    with logprobs too, the prompt's tokens lead the choice's logprobs."""
     choices, prompt_tokens, completion, cached = [], 0, 0, 0
     for i, final in enumerate(finals):  # OpenAI numbers choices prompt-major: prompt i, sample j -> i * n + j
         prompt_tokens += len(final.prompt_token_ids)
         cached += final.num_cached_tokens
+        prompt_logprobs = token_text.prompt(final.prompt_token_ids, final.prompt_logprobs)
         for o in final.outputs:
             completion += len(o.token_ids)
+            logprobs = token_text.completion(o.token_ids, o.logprobs, len(echoes[i]))
+            if req.echo and logprobs is not None:
+                logprobs = token_text.completion(final.prompt_token_ids, final.prompt_logprobs, 0,
+                                                 req.logprobs) + logprobs
             choices.append(CompletionChoice(index=i * n + o.index, text=echoes[i] + o.text, finish_reason=o.finish_reason,
-                                            logprobs=token_text.completion(o.token_ids, o.logprobs, 0)))
+                                            logprobs=logprobs, prompt_logprobs=prompt_logprobs
+                                            if req.prompt_logprobs is not None else None))
     return CompletionResponse(model=model, choices=choices, usage=usage(prompt_tokens, completion, cached))
 
 
@@ -147,9 +180,11 @@ def usage_modes(options: StreamOptions | None) -> tuple[bool, bool]:
 
 
 async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, options: StreamOptions | None,
-                      token_text: TokenText) -> AsyncIterator[str]:
-    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, optional usage, [DONE]."""
+                      token_text: TokenText, mode: ToolMode = ToolMode()) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice, content (or tool-call) deltas, a finish chunk per choice, optional usage,
+    [DONE]."""
     rid, created = new_id("chatcmpl"), int(time.time())
+    tools = [ChoiceTools(mode) for _ in range(n)]
     final_usage, every_chunk = usage_modes(options)
     prompt_tokens = completion = cached = 0
 
@@ -166,9 +201,14 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
             prompt_tokens, cached = len(delta.prompt_token_ids), delta.num_cached_tokens
             for o in delta.outputs:
                 completion += len(o.token_ids)
-                if o.text or o.finish_reason or o.logprobs:
-                    yield chunk([ChatChunkChoice(index=o.index, delta=DeltaMessage(content=o.text),
-                                                 finish_reason=o.finish_reason,
+                text, calls = (o.text, None) if not mode.calls_tools else tools[o.index].feed(
+                    o.text, o.finish_reason is not None)
+                if text or calls or o.finish_reason or o.logprobs:
+                    message = DeltaMessage(**({"tool_calls": calls} if calls else {"content": text}))
+                    if calls and text:
+                        message.content = text
+                    yield chunk([ChatChunkChoice(index=o.index, delta=message,
+                                                 finish_reason=tools[o.index].finish_reason(o.finish_reason),
                                                  logprobs=token_text.chat(o.token_ids, o.logprobs))])
     except Exception as e:  # the engine failed or refused mid-stream: tell the client in-band, then end
         yield sse(error_event(e))

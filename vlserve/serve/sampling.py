@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from vlserve.serve.protocol import SamplingFields
 
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -19,8 +19,11 @@ def sampling_defaults(model_dir: str) -> dict:
     return {k: raw[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}
 
 
-def sampling_params(req: SamplingFields, defaults: dict, max_tokens: int | None, logprobs: int | None
+def sampling_params(req: SamplingFields, defaults: dict, max_tokens: int | None, logprobs: int | None,
+                    structured: StructuredOutputsParams | None = None, prompt_logprobs: int | None = None
                     ) -> SamplingParams:
+    """`structured`: the request's grammar (SamplingFields.structured, or the one tool_choice imposes);
+    `prompt_logprobs`: as the request asks, or more (completions' echo with logprobs)."""
     def pick(name: str, fallback):
         value = getattr(req, name)
         return value if value is not None else defaults.get(name, fallback)
@@ -32,4 +35,8 @@ def sampling_params(req: SamplingFields, defaults: dict, max_tokens: int | None,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []), max_tokens=max_tokens, min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+        allowed_token_ids=req.allowed_token_ids, structured_outputs=structured,
+        prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )

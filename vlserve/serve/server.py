@@ -9,10 +9,12 @@ import socket
 import sys
 
 from vlserve.args import add_engine_args, api_key_from_env
+from vlserve.errors import ConfigError
 
 # The server's own imports (torch, uvicorn, the engine) wait until it runs: `vlserve --help` should not pay them.
 
 log = logging.getLogger("vlserve.serve")
+TOOL_CALL_PARSERS = ("hermes",)  # serve/tools.py: Qwen2.5's <tool_call> blocks
 
 
 def add_serve_args(sub) -> None:
@@ -38,6 +40,15 @@ def add_serve_args(sub) -> None:
     p.add_argument("--root-path", default="", help="the path prefix a reverse proxy serves vlserve under (e.g. /llm), "
                    "for the API's own links")
     p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (the access log is at info)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto", the default when a request '
+                   "sends tools); needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from the model's text: hermes (<tool_call> blocks, Qwen2.5's)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no log line per request (vlserve logs only the fields a request sent that it ignores)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="accepted for vLLM command lines: vlserve logs no periodic statistics (see /metrics)")
     add_engine_args(p)
     p.set_defaults(func=run_serve)
 
@@ -54,6 +65,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def served_name(model: str) -> str:
+    """A Hugging Face name as given (clients copied it from vLLM: "Qwen/Qwen2.5-VL-7B-Instruct"), else the
+    folder's name."""
+    from vlserve.config import is_hub_name
+
+    return model if is_hub_name(model) and not os.path.exists(model) else os.path.basename(os.path.normpath(model))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -73,6 +92,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("no MODEL given: serving the demo checkpoint at %s; its weights are random, so its answers "
                     "are noise", model)
     config = engine_config(args, model)  # flag errors surface here, before anything loads
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes for Qwen2.5 models)")
     try:
         sock = listen_socket(args.host, args.port)  # a taken port, too, before anything loads
     except OSError as e:
@@ -80,9 +101,10 @@ def run_serve(args: argparse.Namespace) -> int:
               "port or choose another with --port", file=sys.stderr)
         return 1
     engine = AsyncEngine(config)
-    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    name = args.served_model_name or served_name(model)
     state = ServerState(engine, name, args.api_key, engine.config.max_num_seqs + args.max_queued_requests,
-                        args.max_request_body_mib, args.metrics_prefix)
+                        args.max_request_body_mib, args.metrics_prefix, args.enable_auto_tool_choice,
+                        not args.disable_log_requests)
     app = build_app(state)
     local = args.host in ("0.0.0.0", "::", "", "localhost", "127.0.0.1")  # listening on loopback too
     root = f"http://{'127.0.0.1' if local else args.host}:{args.port}"
