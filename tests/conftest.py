@@ -19,6 +19,11 @@ SPECS = {
     "tiny_sharded": TinySpec(hidden_size=96, num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True,
                              vision_depth=6, vision_hidden_size=48, vision_heads=3, fullatt_block_indexes=(2, 5),
                              num_hidden_layers=3, shards=3, seed=1),
+    # Qwen2-VL: LayerNorm, fc1/fc2 MLP, no windows, frame-index video positions; untied, and tied over shards
+    "qwen2_vl": TinySpec(family="qwen2-vl", seed=2),
+    "qwen2_vl_sharded": TinySpec(family="qwen2-vl", hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
+                                 tie_word_embeddings=True, vision_depth=3, vision_hidden_size=48, vision_heads=3,
+                                 num_hidden_layers=3, shards=2, seed=3),
 }
 
 
@@ -30,6 +35,16 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sharded_ckpt(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny_sharded"), SPECS["tiny_sharded"])
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("qwen2_vl"), SPECS["qwen2_vl"])
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_sharded_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("qwen2_vl_sharded"), SPECS["qwen2_vl_sharded"])
 
 
 @pytest.fixture(scope="session", params=sorted(SPECS))

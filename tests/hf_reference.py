@@ -1,4 +1,4 @@
-"""Building inputs for transformers' Qwen2.5-VL, our correctness reference, from the same prompts we run."""
+"""transformers' Qwen2.5-VL and Qwen2-VL, our correctness reference, and their inputs from the prompts we run."""
 
 import base64
 import io
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 
 from media_samples import make_video_bytes
@@ -57,5 +58,11 @@ def hf_inputs(prompt, cfg):
     if videos:
         kwargs["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
         kwargs["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
-        kwargs["second_per_grid_ts"] = torch.tensor([m.second_per_grid_t for m in videos])
+        if cfg.vision.absolute_time:  # Qwen2.5-VL's; Qwen2-VL counts frames
+            kwargs["second_per_grid_ts"] = torch.tensor([m.second_per_grid_t for m in videos])
     return kwargs
+
+
+def hf_model(ckpt, cfg):
+    """transformers' model of the checkpoint's architecture, in fp32."""
+    return getattr(transformers, cfg.architecture).from_pretrained(ckpt, dtype=torch.float32).eval()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2_5_VLForConditionalGeneration
 
+from hf_reference import hf_model
 from vlserve.config import ModelConfig
 from vlserve.errors import CheckpointError
 from vlserve.model.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -21,7 +21,7 @@ def copy_ckpt(src, dst):
 def test_loads_every_tensor_exactly(any_ckpt):
     cfg = ModelConfig.from_dir(any_ckpt)
     model = load_model(cfg, torch.float32, "cpu", progress=False)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(any_ckpt, dtype=torch.float32)
+    hf = hf_model(any_ckpt, cfg)
     ours = model.model.layers["0"].self_attn.qkv_proj.weight
     theirs = hf.model.language_model.layers[0].self_attn
     assert torch.equal(ours, torch.cat([theirs.q_proj.weight, theirs.k_proj.weight, theirs.v_proj.weight]))
@@ -38,12 +38,16 @@ def test_casts_to_dtype_and_keeps_rotary_in_fp32(tiny_ckpt, dtype):
     assert model.model.layers["0"].self_attn.rotary.inv_freq.dtype == torch.float32
 
 
-def test_reads_checkpoints_saved_by_transformers_5(tiny_ckpt, tmp_path):
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
+@pytest.mark.parametrize("fixture", ["tiny_ckpt", "qwen2_vl_ckpt"])
+def test_reads_checkpoints_saved_by_transformers_5(request, fixture, tmp_path):
+    ckpt = request.getfixturevalue(fixture)
+    hf = hf_model(ckpt, ModelConfig.from_dir(ckpt))
     hf.save_pretrained(tmp_path)
     cfg = ModelConfig.from_dir(tmp_path)
+    assert cfg.vision == ModelConfig.from_dir(ckpt).vision
     model = load_model(cfg, torch.float32, "cpu", progress=False)
     assert torch.equal(model.model.norm.weight, hf.model.language_model.norm.weight)
+    assert torch.equal(model.visual.merger.ln_q.weight, hf.model.visual.merger.ln_q.weight)
 
 
 def edit_single_file(ckpt, edit):

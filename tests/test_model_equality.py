@@ -1,10 +1,10 @@
-"""Our forward pass equals transformers' Qwen2_5_VLForConditionalGeneration on the same checkpoint and inputs."""
+"""Our forward pass equals transformers' (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration) on
+the same checkpoint and inputs."""
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import chat_prompt, hf_inputs, image_url, text, video_url
+from hf_reference import chat_prompt, hf_inputs, hf_model, image_url, text, video_url
 from vlserve.config import EngineConfig, ModelConfig
 from vlserve.inputs import InputProcessor
 from vlserve.media.positions import mrope_positions
@@ -33,12 +33,12 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_sharded"])
+@pytest.fixture(scope="module", params=["tiny", "tiny_sharded", "qwen2_vl", "qwen2_vl_sharded"])
 def models(request, device):
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
     cfg = ModelConfig.from_dir(ckpt)
     ours = load_model(cfg, torch.float32, device, progress=False)
-    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    theirs = hf_model(ckpt, cfg)
     return cfg, InputProcessor.for_model(EngineConfig(model=str(ckpt))), ours, theirs
 
 
@@ -82,3 +82,23 @@ def test_batched_prompts_equal_one_at_a_time(models):
     for prompt, logits in zip(prompts, batched):
         (alone,) = our_logits(ours, [prompt], cfg)
         assert (logits - alone).abs().max().item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_llm(qwen2_vl_ckpt, device):
+    from vlserve import LLM
+
+    llm = LLM(str(qwen2_vl_ckpt), device=device, dtype="float32", max_model_len=2048, progress=False)
+    return llm, hf_model(qwen2_vl_ckpt, llm.core.model_config)
+
+
+@pytest.mark.parametrize("case", ["text", "two_images", "image_and_video", "multi_turn"])
+@torch.no_grad()
+def test_qwen2_vl_greedy_tokens_equal_generate(qwen2_vl_llm, case):
+    from vlserve import SamplingParams
+
+    llm, hf = qwen2_vl_llm
+    out = llm.chat([CASES[case]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    prompt = chat_prompt(llm.inputs, CASES[case])
+    expected = hf.generate(**hf_inputs(prompt, llm.core.model_config), max_new_tokens=8, do_sample=False)
+    assert out.outputs[0].token_ids == expected[0, len(prompt.token_ids):].tolist()

@@ -23,7 +23,7 @@ from vlserve.media.options import MediaOptions
 from vlserve.model.layers.attention import Attention
 from vlserve.model.loader import default_dtype
 from vlserve.model.qwen2_5_vl import Qwen2_5_VLForCausalLM
-from vlserve.plan.layouts import layout_config
+from vlserve.plan.layouts import layout_config, qwen2_vl_config
 from vlserve.engine.sampler import sample_worst_case
 from vlserve.plan.memory import Weights, image_patches, kv_bytes_per_block, sampler_peak, stages
 
@@ -42,9 +42,11 @@ def rank_model(cfg, tp: int, rank: int, pp: int, stage: int, mode: str):
     ("7B", 1, 1, "data"), ("7B", 4, 2, "weights"), ("7B", 2, 3, "data"), ("3B", 8, 1, "data"),  # 3B: tied embeddings
     ("3B", 2, 4, "weights"), ("72B", 8, 2, "weights"), ("72B", 8, 3, "data"),  # 72B at TP 8: KV heads 8 -> 1 per rank
     ("3B", 16, 1, "data"),  # more ranks than KV heads: replicated
+    ("Qwen2-VL-2B", 2, 2, "weights"), ("Qwen2-VL-72B", 8, 2, "weights"),  # LayerNorms, fc1/fc2 split
 ])
 def test_weights_and_kv_per_rank_to_the_byte(size, tp, pp, mode):
-    cfg = parse_config(layout_config(size), size, Path("config.json"))
+    raw = qwen2_vl_config(size.split("-")[-1]) if size.startswith("Qwen2-VL") else layout_config(size)
+    cfg = parse_config(raw, size, Path("config.json"))
     weights = Weights(cfg)
     for stage in stages(cfg, pp):
         for rank in sorted({0, tp - 1}):  # the last rank holds the vocabulary's zero-padded tail

@@ -8,7 +8,8 @@ from vlserve.errors import ConfigError, VLServeError
 
 
 def add_make_tiny(sub) -> None:
-    p = sub.add_parser("make-tiny", help="write a small random-weight Qwen2.5-VL checkpoint (Hugging Face format)")
+    p = sub.add_parser("make-tiny", help="write a small random-weight Qwen2.5-VL (or Qwen2-VL) checkpoint (Hugging "
+                       "Face format)")
     p.add_argument("dir", help="output folder")
     p.add_argument("--hidden-size", type=int, default=64, help="language model width")
     p.add_argument("--intermediate-size", type=int, default=128, help="language model MLP width")
@@ -22,6 +23,8 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--vision-intermediate-size", type=int, default=96, help="vision MLP width")
     p.add_argument("--fullatt-blocks", default="1,3", help="comma-separated indexes of full-attention vision blocks")
     p.add_argument("--text-only", action="store_true", help="a plain Qwen2ForCausalLM checkpoint")
+    p.add_argument("--family", choices=("qwen2.5-vl", "qwen2-vl"), default="qwen2.5-vl",
+                   help="the model family whose layout the checkpoint has")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors files (with an index when > 1)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the weights written")
@@ -43,7 +46,7 @@ def run_make_tiny(args) -> None:
         tie_word_embeddings=args.tie_word_embeddings, vision_depth=args.vision_depth,
         vision_hidden_size=args.vision_hidden_size, vision_heads=args.vision_heads,
         vision_intermediate_size=args.vision_intermediate_size, fullatt_block_indexes=blocks,
-        text_only=args.text_only, shards=args.shards, seed=args.seed, dtype=args.dtype,
+        text_only=args.text_only, shards=args.shards, seed=args.seed, dtype=args.dtype, family=args.family,
     )
     out = make_tiny(args.dir, spec)
     print(f"wrote a random-weight tiny checkpoint to {out}")

@@ -14,7 +14,9 @@ from vlserve.errors import ConfigError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import MediaOptions
 
-VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+# The architecture picks the vision tower's parts and the video position rule (_parse_vision); the language model
+# is Qwen2's for all of them
+VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
 DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 VISION_TP_MODES = ("data", "weights")  # --mm-encoder-tp-mode
@@ -34,9 +36,12 @@ class VisionConfig:
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
-    window_size: int = 112
+    window_size: int | None = 112  # None: every block attends over whole frames (Qwen2-VL)
     tokens_per_second: float = 2.0
     hidden_act: str = "silu"
+    norm: str = "rms"  # "rms" (Qwen2.5-VL) | "layer" (LayerNorm with bias, Qwen2-VL)
+    mlp: str = "gated"  # "gated" (gate/up/down, SiLU) | "fc" (fc1, hidden_act, fc2: Qwen2-VL)
+    absolute_time: bool = True  # video frames' temporal positions in seconds (Qwen2.5-VL) or frame indexes
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +130,7 @@ def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
         max_position_embeddings=field.int("max_position_embeddings", 32768),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
-        vision=_parse_vision(raw.get("vision_config"), file) if arch in VL_ARCHITECTURES else None,
+        vision=_parse_vision(raw.get("vision_config"), file, arch) if arch in VL_ARCHITECTURES else None,
         image_token_id=int(raw.get("image_token_id", 151655)),
         video_token_id=int(raw.get("video_token_id", 151656)),
         vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
@@ -143,10 +148,12 @@ def _default_mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
 
 
-def _parse_vision(raw: Any, file: Path) -> VisionConfig:
+def _parse_vision(raw: Any, file: Path, arch: str) -> VisionConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: field 'vision_config' is missing; a Qwen2.5-VL checkpoint needs it")
+        raise ConfigError(f"{file}: field 'vision_config' is missing; a {arch} checkpoint needs it")
     field = _FieldReader(raw, file, prefix="vision_config.")
+    if arch == "Qwen2VLForConditionalGeneration":
+        return _parse_qwen2_vision(raw, field)
     return VisionConfig(
         depth=field.int("depth"),
         hidden_size=field.int("hidden_size"),
@@ -161,6 +168,20 @@ def _parse_vision(raw: Any, file: Path) -> VisionConfig:
         window_size=field.int("window_size", 112),
         tokens_per_second=field.float("tokens_per_second", 2.0),
         hidden_act=str(raw.get("hidden_act", "silu")),
+    )
+
+
+def _parse_qwen2_vision(raw: dict, field: "_FieldReader") -> VisionConfig:
+    """Qwen2-VL's tower: `embed_dim` wide, an fc1/fc2 MLP `mlp_ratio` times wider, LayerNorms, no windows; its
+    `hidden_size` is the merger's output (the language model's width)."""
+    width, depth = field.int("embed_dim"), field.int("depth")
+    return VisionConfig(
+        depth=depth, hidden_size=width, intermediate_size=int(width * field.float("mlp_ratio", 4)),
+        num_heads=field.int("num_heads"), out_hidden_size=field.int("hidden_size"),
+        fullatt_block_indexes=tuple(range(depth)), in_channels=field.int("in_chans", field.int("in_channels", 3)),
+        patch_size=field.int("patch_size", 14), temporal_patch_size=field.int("temporal_patch_size", 2),
+        spatial_merge_size=field.int("spatial_merge_size", 2), window_size=None,
+        hidden_act=str(raw.get("hidden_act", "quick_gelu")), norm="layer", mlp="fc", absolute_time=False,
     )
 
 
@@ -206,7 +227,7 @@ def _check(cfg: ModelConfig, file: Path) -> None:
     if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
         fail("vision_config.fullatt_block_indexes", f"{list(v.fullatt_block_indexes)} must lie in [0, {v.depth})")
     unit = v.patch_size * v.spatial_merge_size
-    if v.window_size % unit:
+    if v.window_size is not None and v.window_size % unit:
         fail("vision_config.window_size", f"{v.window_size} is not a multiple of patch_size*spatial_merge_size {unit}")
 
 

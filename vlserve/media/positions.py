@@ -45,10 +45,14 @@ def _span_positions(item: MediaItem, vision: VisionConfig) -> torch.Tensor:
     """(3, num_tokens) positions of one item's pad run, from 0, in the vision tower's output order (t, h, w)."""
     t, h, w = item.grid_thw
     h, w = h // vision.spatial_merge_size, w // vision.spatial_merge_size
-    # Images have one temporal step at 0. Videos space steps by real time, computed in float32 in the same
-    # order as Qwen's and vLLM's code so the floor lands on the same integers.
-    seconds = item.second_per_grid_t if item.modality == "video" else 0.0
-    t_index = (torch.arange(t) * seconds * vision.tokens_per_second).long()
+    # Images have one temporal step at 0. Qwen2.5-VL spaces a video's steps by real time, computed in float32 in
+    # the same order as Qwen's and vLLM's code so the floor lands on the same integers; Qwen2-VL by one a step.
+    if item.modality != "video":
+        t_index = torch.zeros(t, dtype=torch.int64)
+    elif vision.absolute_time:
+        t_index = (torch.arange(t) * item.second_per_grid_t * vision.tokens_per_second).long()
+    else:
+        t_index = torch.arange(t)
     return torch.stack([
         t_index.view(t, 1, 1).expand(t, h, w).flatten(),
         torch.arange(h).view(1, h, 1).expand(t, h, w).flatten(),

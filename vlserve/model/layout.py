@@ -1,4 +1,5 @@
-"""Names and shapes of the tensors in a Hugging Face Qwen2.5-VL (or Qwen2) checkpoint, from the config alone.
+"""Names and shapes of the tensors in a Hugging Face Qwen2.5-VL, Qwen2-VL (or Qwen2) checkpoint, from the config
+alone.
 
 make-tiny writes these, and the planner sizes weights from them without reading any file.
 """
@@ -40,27 +41,27 @@ def _vision(v: VisionConfig) -> dict[str, tuple[int, ...]]:
     d, m = v.hidden_size, v.intermediate_size
     merged = d * v.spatial_merge_size**2
     shapes = {"visual.patch_embed.proj.weight": (d, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
+    mlp = {"fc1": (m, d), "fc2": (d, m)} if v.mlp == "fc" else {"gate_proj": (m, d), "up_proj": (m, d),
+                                                                 "down_proj": (d, m)}
     for i in range(v.depth):
         p = f"visual.blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (d,),
-            p + "norm2.weight": (d,),
-            p + "attn.qkv.weight": (3 * d, d),
-            p + "attn.qkv.bias": (3 * d,),
-            p + "attn.proj.weight": (d, d),
-            p + "attn.proj.bias": (d,),
-            p + "mlp.gate_proj.weight": (m, d),
-            p + "mlp.gate_proj.bias": (m,),
-            p + "mlp.up_proj.weight": (m, d),
-            p + "mlp.up_proj.bias": (m,),
-            p + "mlp.down_proj.weight": (d, m),
-            p + "mlp.down_proj.bias": (d,),
-        })
+        shapes.update({**_norm(v, p + "norm1."), **_norm(v, p + "norm2."),
+                       p + "attn.qkv.weight": (3 * d, d),
+                       p + "attn.qkv.bias": (3 * d,),
+                       p + "attn.proj.weight": (d, d),
+                       p + "attn.proj.bias": (d,)})
+        for name, shape in mlp.items():
+            shapes.update({f"{p}mlp.{name}.weight": shape, f"{p}mlp.{name}.bias": shape[:1]})
     shapes.update({
-        "visual.merger.ln_q.weight": (d,),
+        **_norm(v, "visual.merger.ln_q."),
         "visual.merger.mlp.0.weight": (merged, merged),
         "visual.merger.mlp.0.bias": (merged,),
         "visual.merger.mlp.2.weight": (v.out_hidden_size, merged),
         "visual.merger.mlp.2.bias": (v.out_hidden_size,),
     })
     return shapes
+
+
+def _norm(v: VisionConfig, p: str) -> dict[str, tuple[int, ...]]:
+    d = v.hidden_size
+    return {p + "weight": (d,), p + "bias": (d,)} if v.norm == "layer" else {p + "weight": (d,)}

@@ -1,4 +1,5 @@
-"""`vlserve make-tiny`: a small random-weight Qwen2.5-VL checkpoint in Hugging Face format.
+"""`vlserve make-tiny`: a small random-weight Qwen2.5-VL (or Qwen2-VL, or text-only Qwen2) checkpoint in Hugging
+Face format.
 
 The layout (names, config fields, tokenizer, chat template) is the real one, so the same loader, processor and
 transformers itself read it; only the sizes are small. Tests never download weights: they use this.
@@ -53,12 +54,15 @@ class TinySpec:
     vision_intermediate_size: int = 96
     fullatt_block_indexes: tuple[int, ...] = (1, 3)
     text_only: bool = False  # a plain Qwen2ForCausalLM checkpoint
+    family: str = "qwen2.5-vl"  # or "qwen2-vl" (FAMILIES)
     shards: int = 1
     seed: int = 0
     dtype: str = "float32"
     max_position_embeddings: int = 32768
 
 
+FAMILIES = {"qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2_5_VLProcessor"),
+            "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLProcessor")}
 FILE_MODE, FOLDER_MODE = 0o644, 0o755
 DEMO_SPEC = TinySpec(max_position_embeddings=8192)  # the KV cache of 256 sequences of 8,192 tokens: 1 GiB (CPU)
 
@@ -81,7 +85,9 @@ def write_model_files(out: Path, raw: dict, multimodal: bool = True) -> None:
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     _write_tokenizer(out)
     if multimodal:
-        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+        processor = next((cls for a, _, cls in FAMILIES.values() if a in raw["architectures"]), "Qwen2_5_VLProcessor")
+        (out / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR_CONFIG, "processor_class": processor},
+                                                                 indent=2))
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -113,9 +119,12 @@ def tiny_config(spec: TinySpec) -> dict:
                           f"--kv-heads {spec.num_key_value_heads}")
     head_dim = spec.hidden_size // spec.num_attention_heads
     t = (head_dim // 2) * 3 // 8  # the real 16/24/24 split of 64 rotary pairs, scaled down
+    if spec.family not in FAMILIES:
+        raise ConfigError(f"--family {spec.family!r} is not one of {', '.join(FAMILIES)}")
+    arch, model_type, _ = FAMILIES[spec.family]
     raw = {
-        "architectures": ["Qwen2ForCausalLM" if spec.text_only else "Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2" if spec.text_only else "qwen2_5_vl",
+        "architectures": ["Qwen2ForCausalLM" if spec.text_only else arch],
+        "model_type": "qwen2" if spec.text_only else model_type,
         "vocab_size": QWEN25_VOCAB_SIZE,
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -142,7 +151,7 @@ def tiny_config(spec: TinySpec) -> dict:
         "vision_token_id": 151654,
         "image_token_id": 151655,
         "video_token_id": 151656,
-        "vision_config": {
+        "vision_config": _qwen2_vision(spec) if spec.family == "qwen2-vl" else {
             "depth": spec.vision_depth,
             "hidden_act": "silu",
             "hidden_size": spec.vision_hidden_size,
@@ -160,6 +169,15 @@ def tiny_config(spec: TinySpec) -> dict:
         },
     })
     return raw
+
+
+def _qwen2_vision(spec: TinySpec) -> dict:
+    """Qwen2-VL's vision_config: `embed_dim` wide, an MLP mlp_ratio (2 here) times wider, `hidden_size` the
+    merger's output (the language model's width)."""
+    return {"depth": spec.vision_depth, "embed_dim": spec.vision_hidden_size, "mlp_ratio": 2,
+            "num_heads": spec.vision_heads, "hidden_size": spec.hidden_size, "hidden_act": "quick_gelu",
+            "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+            "temporal_patch_size": 2}
 
 
 PREPROCESSOR_CONFIG = {

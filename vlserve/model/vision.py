@@ -1,4 +1,6 @@
-"""Qwen2.5-VL vision tower: patch embedding, window attention with a few full-attention blocks, patch merger.
+"""The Qwen2-VL and Qwen2.5-VL vision towers: patch embedding, attention blocks, patch merger. Qwen2.5-VL's blocks
+use RMSNorm and a gated SiLU MLP, and attend within windows but for a few full-attention blocks; Qwen2-VL's use
+LayerNorm and an fc1/fc2 MLP and attend over whole frames (VisionConfig says which).
 
 Two ways to run under tensor parallel (--mm-encoder-tp-mode): data mode keeps the weights whole on every rank
 (images are independent, so ranks split the images); weights mode splits attention heads, the MLPs and the merger's
@@ -13,12 +15,12 @@ from torch import nn
 
 from vlserve.config import VisionConfig
 from vlserve.distributed.parallel_state import tp_rank, tp_size
-from vlserve.model.layers.activation import SiluAndMul
+from vlserve.model.layers.activation import ACTIVATIONS, SiluAndMul
 from vlserve.model.layers.attention import AttentionMetadata, varlen_attention
 from vlserve.model.layers.linear import (
     ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, expect_shape, copy_into,
 )
-from vlserve.model.layers.norm import RMSNorm
+from vlserve.model.layers.norm import LayerNorm, RMSNorm
 from vlserve.model.layers.rotary import VisionRotaryEmbedding, apply_vision_rotary
 from vlserve.transfer import to_device
 
@@ -31,14 +33,13 @@ class VisionLayout:
     """Token order and attention spans for a batch of images/videos, computed once per forward."""
 
     hw_positions: torch.Tensor  # (N, 2) row/column of each patch, merge groups contiguous
-    window_order: torch.Tensor  # (N/4,) merge groups reordered so each window is contiguous
+    window_order: torch.Tensor | None  # (N/4,) merge groups reordered so each window is contiguous; None: no windows
     full: AttentionMetadata  # one span per frame (full attention)
-    window: AttentionMetadata  # one span per window
+    window: AttentionMetadata | None  # one span per window
 
 
 def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> VisionLayout:
     m = cfg.spatial_merge_size
-    win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens
     positions, order, full, window, offset = [], [], [], [], 0
     for t, h, w in grid_thw:
         rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
@@ -46,6 +47,10 @@ def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> Vi
         hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
         positions.append(hw.repeat(t, 1))
         full.extend([h * w] * t)
+    if cfg.window_size is None:
+        return VisionLayout(torch.cat(positions), None, AttentionMetadata.from_lengths(full), None)
+    win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens
+    for t, h, w in grid_thw:
         gh, gw = h // m, w // m
         groups = torch.arange(t * gh * gw).view(t, gh, gw)
         for ti in range(t):
@@ -102,13 +107,30 @@ class VisionMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+class VisionFcMLP(nn.Module):
+    """Qwen2-VL's: fc1, the checkpoint's activation (QuickGELU), fc2."""
+
+    def __init__(self, cfg: VisionConfig, tp):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=True, tp=tp)
+        self.fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True, tp=tp)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def vision_norm(cfg: VisionConfig) -> nn.Module:
+    return LayerNorm(cfg.hidden_size) if cfg.norm == "layer" else RMSNorm(cfg.hidden_size)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig, tp):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size)
-        self.norm2 = RMSNorm(cfg.hidden_size)
+        self.norm1 = vision_norm(cfg)
+        self.norm2 = vision_norm(cfg)
         self.attn = VisionAttention(cfg, tp)
-        self.mlp = VisionMLP(cfg, tp)
+        self.mlp = VisionFcMLP(cfg, tp) if cfg.mlp == "fc" else VisionMLP(cfg, tp)
 
     def forward(self, x, cos, sin, meta):
         x = x + self.attn(self.norm1(x), cos, sin, meta)
@@ -119,12 +141,12 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """RMSNorm, then each 2x2 group of patches (concatenated) through a GELU MLP into the LM's hidden size."""
+    """The tower's norm, then each 2x2 group of patches (concatenated) through a GELU MLP into the LM's width."""
 
     def __init__(self, cfg: VisionConfig, tp):
         super().__init__()
         self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.ln_q = RMSNorm(cfg.hidden_size)
+        self.ln_q = vision_norm(cfg)
         self.mlp = nn.ModuleDict({
             "0": ColumnParallelLinear(self.merged, self.merged, bias=True, tp=tp),
             "2": RowParallelLinear(self.merged, cfg.out_hidden_size, bias=True, tp=tp),
@@ -149,17 +171,17 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """pixel_values: (N, patch_dim) for all items; returns (N / 4, out_hidden) in the items' order."""
         layout = vision_layout(grid_thw, self.cfg)
-        unit = self.cfg.spatial_merge_size**2
         device = pixel_values.device
-        order = to_device(layout.window_order, device)
         x = self.patch_embed(pixel_values)
-        x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
         cos, sin = self.rotary.cos_sin(to_device(layout.hw_positions, device))
-        cos = cos.view(-1, unit, cos.shape[-1])[order].flatten(0, 1)
-        sin = sin.view(-1, unit, sin.shape[-1])[order].flatten(0, 1)
+        order = None if layout.window_order is None else to_device(layout.window_order, device)
+        if order is not None:  # each window's patches contiguous (merge groups stay whole)
+            unit = self.cfg.spatial_merge_size**2
+            x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].flatten(0, 1) for t in (x, cos, sin))
         full_blocks = set(self.cfg.fullatt_block_indexes)
-        full, window = layout.full.to(device), layout.window.to(device)  # once per forward, not per block
+        full = layout.full.to(device)  # once per forward, not per block
+        window = None if layout.window is None else layout.window.to(device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if i in full_blocks else window)
         merged = self.merger(x)
-        return merged[torch.argsort(order)]
+        return merged if order is None else merged[torch.argsort(order)]

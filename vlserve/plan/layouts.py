@@ -1,5 +1,6 @@
-"""The public Qwen2.5-VL checkpoints' config.json, from their published field values, so `vlserve plan` answers
-for a model not downloaded yet: `vlserve plan Qwen2.5-VL-72B-Instruct-AWQ --cluster 2x8xRTX2080Ti`."""
+"""The public Qwen2.5-VL and Qwen2-VL checkpoints' config.json, from their published field values, so
+`vlserve plan` answers for a model not downloaded yet: `vlserve plan Qwen2.5-VL-72B-Instruct-AWQ --cluster
+2x8xRTX2080Ti`, `vlserve plan Qwen2-VL-7B-Instruct`."""
 
 import re
 from pathlib import Path
@@ -12,6 +13,12 @@ SIZES = {
     "7B": (3584, 28, 4, 18944, 28, 152064, False, 3420),
     "32B": (5120, 40, 8, 27648, 64, 152064, False, 3456),
     "72B": (8192, 64, 8, 29568, 80, 152064, False, 3456),
+}
+# Qwen2-VL: size -> hidden, heads, KV heads, MLP width, layers, vocabulary, tied embeddings
+QWEN2_VL_SIZES = {
+    "2B": (1536, 12, 2, 8960, 28, 151936, True),
+    "7B": (3584, 28, 4, 18944, 28, 152064, False),
+    "72B": (8192, 64, 8, 29568, 80, 152064, False),
 }
 AWQ = {"bits": 4, "group_size": 128, "quant_method": "awq", "version": "gemm", "zero_point": True,
        "modules_to_not_convert": ["visual"]}
@@ -40,12 +47,34 @@ def layout_config(size: str, awq: bool = False, intermediate_size: int | None = 
     return raw
 
 
+def qwen2_vl_config(size: str) -> dict:
+    """config.json of Qwen2-VL-{size}-Instruct: its vision tower is the same at every size."""
+    hidden, heads, kv, mlp, layers, vocab, tied = QWEN2_VL_SIZES[size]
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": mlp,
+        "num_hidden_layers": layers, "vocab_size": vocab, "tie_word_embeddings": tied,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "torch_dtype": "bfloat16",
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": hidden,
+                          "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                          "hidden_act": "quick_gelu"},
+    }
+
+
 def known_layout(name: str) -> ModelConfig | None:
-    """`Qwen2.5-VL-7B-Instruct`, `Qwen/Qwen2.5-VL-72B-Instruct-AWQ`, ... (case-insensitive); None if not one."""
-    match = re.fullmatch(r"(?:qwen/)?qwen2\.5-vl-(\d+b)(?:-instruct)?(-awq)?", name.strip().lower())
-    if not match or match[1].upper() not in SIZES:
-        return None
-    return parse_config(layout_config(match[1].upper(), awq=bool(match[2])), name, Path(f"{name} (built-in)"))
+    """`Qwen2.5-VL-7B-Instruct`, `Qwen/Qwen2.5-VL-72B-Instruct-AWQ`, `Qwen2-VL-2B-Instruct`, ... (case-insensitive);
+    None if not one."""
+    key = name.strip().lower()
+    match = re.fullmatch(r"(?:qwen/)?qwen2\.5-vl-(\d+b)(?:-instruct)?(-awq)?", key)
+    if match and match[1].upper() in SIZES:
+        raw = layout_config(match[1].upper(), awq=bool(match[2]))
+    else:
+        match = re.fullmatch(r"(?:qwen/)?qwen2-vl-(\d+b)(?:-instruct)?", key)
+        if not match or match[1].upper() not in QWEN2_VL_SIZES:
+            return None
+        raw = qwen2_vl_config(match[1].upper())
+    return parse_config(raw, name, Path(f"{name} (built-in)"))
 
 
 def load_model_config(model: str) -> ModelConfig:

@@ -121,8 +121,8 @@ def prod(shape: tuple[int, ...]) -> int:
 
 QUANTIZED = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight", ".gate_proj.weight",
              ".up_proj.weight", ".down_proj.weight")
-VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "merger.mlp.0.")  # output rows split
-VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "merger.mlp.2.weight")  # input columns split
+VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1.", "merger.mlp.0.")  # output rows split
+VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "mlp.fc2.weight", "merger.mlp.2.weight")  # columns split
 
 
 def awq_group_size(cfg: ModelConfig, name: str) -> int | None:

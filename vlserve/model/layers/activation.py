@@ -1,4 +1,5 @@
-"""SwiGLU: SiLU(gate) * up, with gate and up stored side by side in one projection (one Triton kernel on CUDA)."""
+"""Activations: SwiGLU (SiLU(gate) * up, gate and up stored side by side in one projection; one Triton kernel on
+CUDA) and the plain ones a checkpoint's `hidden_act` names."""
 
 import torch
 import torch.nn.functional as F
@@ -12,3 +13,11 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
