@@ -25,6 +25,8 @@ SPECS = {
                                  tie_word_embeddings=True, vision_depth=3, vision_hidden_size=48, vision_heads=3,
                                  num_hidden_layers=3, shards=2, seed=3),
 }
+# AWQ 4-bit in groups of 32: the MLP width 96 is 3 groups, which no even tensor-parallel size splits (vlserve pads)
+AWQ_SPEC = TinySpec(awq_group=32, intermediate_size=96, seed=4)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +47,11 @@ def qwen2_vl_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_vl_sharded_ckpt(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("qwen2_vl_sharded"), SPECS["qwen2_vl_sharded"])
+
+
+@pytest.fixture(scope="session")
+def tiny_awq_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_awq"), AWQ_SPEC)
 
 
 @pytest.fixture(scope="session", params=sorted(SPECS))

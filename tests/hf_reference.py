@@ -66,3 +66,34 @@ def hf_inputs(prompt, cfg):
 def hf_model(ckpt, cfg):
     """transformers' model of the checkpoint's architecture, in fp32."""
     return getattr(transformers, cfg.architecture).from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def dequantized_copy(ckpt, out):
+    """The AWQ checkpoint `ckpt` with each quantized layer replaced by its exact dequantized fp32 weight, and no
+    quantization_config: what transformers runs as the reference for a quantized checkpoint."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from vlserve.model.layers.awq import dequantize
+
+    ckpt, out = Path(ckpt), Path(out)
+    shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for file in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    dense = {}
+    for name, value in tensors.items():
+        if name.endswith(".qweight"):
+            base = name.removesuffix("qweight")
+            dense[base + "weight"] = dequantize(value, tensors[base + "qzeros"],
+                                                tensors[base + "scales"].float()).t().contiguous()
+        elif not name.endswith((".qzeros", ".scales")):
+            dense[name] = value
+    save_file(dense, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -55,26 +55,25 @@ def test_7b_at_tp8_is_refused_28_heads(capsys, layouts):
     assert "valid sizes: 1, 2, 4;" in report["errors"][0]["fix"]
 
 
-@pytest.mark.parametrize("tp, groups", [(2, "115.5"), (4, "57.75"), (8, "28.875")])
-def test_72b_awq_unpadded_mlp_is_refused_with_a_pipeline_alternative(capsys, layouts, tp, groups):
+@pytest.mark.parametrize("tp, per_rank", [(2, 116), (4, 58), (8, 29)])
+def test_72b_awq_unpadded_mlp_is_padded_at_load(capsys, layouts, tp, per_rank):
+    """29,568 is 231 groups of 128, which no even TP size splits ("the input size is not aligned with the quantized
+    weight shape" elsewhere): vlserve pads it to 29,696 at load, and the plan says so."""
     code, report = plan(capsys, layouts["72b-awq-29568"], "-tp", str(tp), "--cluster", f"1x{tp}xL40S")
-    assert code == 2
-    error = report["errors"][0]
-    assert error["code"] == "awq_group_alignment"
-    assert f"MLP width 29568 is 231 groups of 128, so each of {tp} ranks would get {groups} groups" in error["message"]
-    assert "tensor-parallel sizes that keep whole groups: 1;" in error["fix"]
-    assert f"-tp 1 -pp {tp} works here" in error["fix"]  # the same cards, split by layers
-    code, alternative = plan(capsys, layouts["72b-awq-29568"], "-tp", "1", "-pp", str(tp), "--cluster", f"1x{tp}xL40S")
-    assert code == 2 and [e["code"] for e in alternative["errors"]] == ["awq_loading"]  # the layout fits
+    assert code == 0 and report["feasible"] and report["tensor_parallel_size"] == tp
+    note = next(n for n in report["notes"] if n["code"] == "awq_padding")
+    assert f"29568 (231 groups of 128) does not split into whole groups over {tp} ranks" in note["message"]
+    assert f"pads it at load to 29696 ({per_rank} groups a rank" in note["message"]
+    _, padded = plan(capsys, layouts["72b-awq"], "-tp", str(tp), "--cluster", f"1x{tp}xL40S")
+    weights = [[s["weights_bytes"] for s in r["memory_per_gpu"]] for r in (report, padded)]
+    assert weights[0] == weights[1]  # the bytes of the checkpoint published padded
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
-def test_72b_awq_padded_checkpoint_fits_but_is_not_servable_yet(capsys, layouts, tp):
-    """The layout is sized and placed, but until AWQ loading lands the plan says infeasible and prints no
-    command (a serve would stop at the quantized tensors)."""
+def test_72b_awq_padded_checkpoint_is_served(capsys, layouts, tp):
     code, report = plan(capsys, layouts["72b-awq"], "-tp", str(tp), "--cluster", "1x8xL40S")
-    assert code == 2 and report["tensor_parallel_size"] == tp and report["command"] is None
-    assert [e["code"] for e in report["errors"]] == ["awq_loading"] and report["kv_cache_tokens"] > 0
+    assert code == 0 and report["tensor_parallel_size"] == tp and report["command"] is not None
+    assert not report["errors"] and "awq_padding" not in [n["code"] for n in report["notes"]]
 
 
 def test_bf16_on_a_capability_7_5_card_becomes_fp16_and_says_so(capsys, layouts):

@@ -68,3 +68,16 @@ def test_files_are_readable_by_all_like_any_checkpoint(tmp_path, monkeypatch):
         assert folder.stat().st_mode & 0o005 == 0o005
         for path in folder.iterdir():
             assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_make_tiny_awq_writes_autoawq_tensors(tmp_path):
+    assert main(["make-tiny", str(tmp_path), "--awq", "32", "--intermediate-size", "96"]) == 0
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert cfg.quantization["quant_method"] == "awq" and cfg.quantization["group_size"] == 32
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_slice("model.layers.0.mlp.down_proj.qweight").get_shape() == [96, 8]
+        assert f.get_slice("model.layers.0.mlp.down_proj.scales").get_dtype() == "F16"
+    assert "model.layers.0.mlp.down_proj.weight" not in names and "visual.blocks.0.mlp.down_proj.weight" in names

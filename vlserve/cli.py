@@ -25,6 +25,9 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--text-only", action="store_true", help="a plain Qwen2ForCausalLM checkpoint")
     p.add_argument("--family", choices=("qwen2.5-vl", "qwen2-vl"), default="qwen2.5-vl",
                    help="the model family whose layout the checkpoint has")
+    p.add_argument("--awq", type=int, default=0, metavar="GROUP",
+                   help="quantize the language model's linear layers to AWQ 4-bit (AutoAWQ's GEMM format) with groups "
+                   "of GROUP inputs, by round to nearest")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors files (with an index when > 1)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the weights written")
@@ -47,6 +50,7 @@ def run_make_tiny(args) -> None:
         vision_hidden_size=args.vision_hidden_size, vision_heads=args.vision_heads,
         vision_intermediate_size=args.vision_intermediate_size, fullatt_block_indexes=blocks,
         text_only=args.text_only, shards=args.shards, seed=args.seed, dtype=args.dtype, family=args.family,
+        awq_group=args.awq,
     )
     out = make_tiny(args.dir, spec)
     print(f"wrote a random-weight tiny checkpoint to {out}")

@@ -52,12 +52,20 @@ def init_dummy_weights(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         # seeded by name: the same values on every run, and on every rank or stage that holds the tensor
         gen = torch.Generator(param.device).manual_seed(zlib.crc32(name.encode()))
-        if param.dim() == 1 and "bias" not in name:  # RMS/LayerNorm weights
+        if not param.dtype.is_floating_point:  # AWQ's packed weights and zero points: any bits
+            param.random_(generator=gen)
+        elif name.endswith(".scales"):  # AWQ: (q - z) spans about +-8, so std 1/sqrt(fan_in) over it
+            param.uniform_(0.5, 1.0, generator=gen).mul_((param.shape[0] * model_group(model)) ** -0.5 / 5)
+        elif param.dim() == 1 and "bias" not in name:  # RMS/LayerNorm weights
             param.normal_(1.0, 0.1, generator=gen)
         elif param.dim() == 1:
             param.normal_(0.0, 0.1, generator=gen)
         else:
             param.normal_(0.0, param[0].numel() ** -0.5, generator=gen)
+
+
+def model_group(model: torch.nn.Module) -> int:
+    return next((m.group for m in model.modules() if getattr(m, "quant", None) is not None), 1)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""The Qwen2 language model (as inside Qwen2.5-VL): GQA with qkv bias, M-RoPE, RMSNorm, SwiGLU.
+"""The Qwen2 language model (as inside Qwen2.5-VL): GQA with qkv bias, M-RoPE, RMSNorm, SwiGLU; its linear layers
+dense or AWQ 4-bit (the MLP then padded to whole quantization groups per rank, `mlp_width`).
 
 Tokens of all sequences in a step are flattened into one (T, hidden) batch; `AttentionMetadata` says where each
 sequence starts. Tensor parallel: one all-reduce after attention and one after the MLP.
@@ -9,9 +10,10 @@ from torch import nn
 
 from vlserve.config import ModelConfig
 from vlserve.config import stage_layers
-from vlserve.distributed.parallel_state import pipeline_stage
+from vlserve.distributed.parallel_state import pipeline_stage, tp_size
 from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import Attention, AttentionMetadata
+from vlserve.model.quantization import AwqConfig, mlp_width
 from vlserve.model.layers.embedding import VocabParallelEmbedding
 from vlserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vlserve.model.layers.norm import RMSNorm
@@ -19,11 +21,12 @@ from vlserve.model.layers.rotary import MRotaryEmbedding
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: AwqConfig | None = None):
         super().__init__()
         d = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                          quant=quant)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, quant=quant)
         self.rotary = MRotaryEmbedding(d, cfg.rope_theta, cfg.mrope_section)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d)
 
@@ -37,10 +40,12 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: AwqConfig | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        real, width = cfg.intermediate_size, mlp_width(cfg, tp_size())
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [width] * 2, quant=quant,
+                                                       real_sizes=[real] * 2)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, quant=quant, real_in=real)
         self.act = SiluAndMul()
 
     def forward(self, x):
@@ -50,10 +55,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        quant = AwqConfig.of(cfg.quantization, cfg.path)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, quant)
 
     def forward(self, x, residual, positions, meta):
         if residual is None:

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 from vlserve.config import RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
 from vlserve.errors import ConfigError
+from vlserve.model.layers.awq import quantize
 from vlserve.model.layout import checkpoint_shapes
+from vlserve.plan.memory import QUANTIZED
 
 # The official Qwen2.5-VL chat template (system default, images and videos inside user turns).
 CHAT_TEMPLATE = (
@@ -55,6 +57,7 @@ class TinySpec:
     fullatt_block_indexes: tuple[int, ...] = (1, 3)
     text_only: bool = False  # a plain Qwen2ForCausalLM checkpoint
     family: str = "qwen2.5-vl"  # or "qwen2-vl" (FAMILIES)
+    awq_group: int = 0  # > 0: the language model's linear layers in AWQ 4-bit, groups of this many inputs
     shards: int = 1
     seed: int = 0
     dtype: str = "float32"
@@ -142,6 +145,9 @@ def tiny_config(spec: TinySpec) -> dict:
         "eos_token_id": 151645,
         RANDOM_WEIGHTS_KEY: True,  # the chat page and /v1/models say so
     }
+    if spec.awq_group:
+        raw["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": spec.awq_group,
+                                      "zero_point": True, "version": "gemm", "modules_to_not_convert": ["visual"]}
     if spec.text_only:
         return raw
     raw.update({
@@ -208,7 +214,14 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
 def _write_weights(out: Path, cfg: ModelConfig, spec: TinySpec) -> None:
     gen = torch.Generator().manual_seed(spec.seed)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
-    tensors = {name: random_tensor(name, shape, gen).to(dtype) for name, shape in checkpoint_shapes(cfg).items()}
+    tensors = {}
+    for name, shape in checkpoint_shapes(cfg).items():
+        value = random_tensor(name, shape, gen)
+        if spec.awq_group and name.startswith("model.layers.") and name.endswith(QUANTIZED):  # AutoAWQ layout, RTN
+            base = name.removesuffix("weight")
+            tensors.update(zip((base + "qweight", base + "qzeros", base + "scales"), quantize(value, spec.awq_group)))
+        else:
+            tensors[name] = value.to(dtype)
     names = list(tensors)
     if spec.shards <= 1:
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from vlserve.config import ModelConfig, valid_tensor_parallel_sizes, valid_vision_tensor_parallel_sizes
 from vlserve.plan.cards import OLDEST_SUPPORTED, Card
 from vlserve.plan.inventory import Inventory
-from vlserve.plan.memory import AWQ_PACK
+from vlserve.model.quantization import PACK, AwqConfig, mlp_width
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def tensor_parallel_sizes(cfg: ModelConfig, vision_mode: str, up_to: int = 64) -
 
 def tensor_parallel(cfg: ModelConfig, tp: int, vision_mode: str) -> Problem | None:
     """Attention heads, KV heads and the MLP must split evenly (the "heads not divisible by TP size" failure)."""
-    heads, kv, mlp = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    heads, kv, mlp = cfg.num_attention_heads, cfg.num_key_value_heads, mlp_width(cfg, tp)  # AWQ: padded
     why = []
     if heads % tp:
         why.append(f"its {heads} attention heads do not divide by {tp}")
@@ -49,34 +49,42 @@ def tensor_parallel(cfg: ModelConfig, tp: int, vision_mode: str) -> Problem | No
 
 
 def awq_misalignment(cfg: ModelConfig, tp: int) -> str | None:
-    """AWQ stores one scale per group of 128 input features: a rank's share of a row-parallel layer (o_proj,
-    down_proj) must hold whole groups, and of a column-parallel one whole int32 packs of 8 outputs."""
-    q = cfg.quantization or {}
-    if q.get("quant_method") != "awq" or tp == 1:
+    """AWQ stores one scale per group of input features: a rank's share of o_proj's inputs must hold whole groups,
+    and of a column-parallel layer whole int32 packs of 8 outputs. (The MLP vlserve pads: `awq_padding`.)"""
+    quant = AwqConfig.of(cfg.quantization)
+    if quant is None or tp == 1:
         return None
-    group = int(q.get("group_size", 128))
-    for what, width in {"MLP width": cfg.intermediate_size,
-                        "attention width": cfg.num_attention_heads * cfg.head_dim}.items():
-        if width % tp == 0 and (width // tp) % group:
-            return (f"its {what} {width} is {width / group:g} groups of {group}, so each of {tp} ranks would get "
-                    f"{width / group / tp:g} groups")
-    for what, width in {"MLP width": cfg.intermediate_size, "KV width": cfg.num_key_value_heads * cfg.head_dim}.items():
-        if width % tp == 0 and (width // tp) % AWQ_PACK:
-            return f"each rank would get {width // tp} of its {what} {width}, not a multiple of {AWQ_PACK} packed values"
+    group, width = quant.group_size, cfg.num_attention_heads * cfg.head_dim
+    if width % tp == 0 and (width // tp) % group:
+        return (f"its attention width {width} is {width / group:g} groups of {group}, so each of {tp} ranks would "
+                f"get {width / group / tp:g} groups")
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    if kv % tp == 0 and (kv // tp) % PACK:
+        return f"each rank would get {kv // tp} of its KV width {kv}, not a multiple of {PACK} packed values"
     return None
 
 
 def awq_alignment(cfg: ModelConfig, tp: int) -> Problem | None:
-    """The "input size is not aligned with the quantized weight shape" failure."""
+    """The "input size is not aligned with the quantized weight shape" failure, where padding cannot help."""
     why = awq_misalignment(cfg, tp)
     if why is None:
         return None
-    group = int(cfg.quantization.get("group_size", 128))
     return Problem("awq_group_alignment", f"--tensor-parallel-size {tp} does not split this AWQ checkpoint: {why} "
                    "(\"the input size is not aligned with the quantized weight shape\")",
                    f"tensor-parallel sizes that keep whole groups: {joined(tensor_parallel_sizes(cfg, 'data'))}; "
-                   "split the layers with --pipeline-parallel-size instead, or use a checkpoint padded to whole groups "
-                   f"per rank (the official 72B AWQ pads 29568 to 29696 = {29696 // group} groups)")
+                   "split the layers with --pipeline-parallel-size instead")
+
+
+def awq_padding(cfg: ModelConfig, tp: int) -> Problem | None:
+    """A note where vlserve pads an AWQ MLP to whole groups per rank (other engines refuse such a split)."""
+    width = mlp_width(cfg, tp)
+    if width == cfg.intermediate_size:
+        return None
+    group = AwqConfig.of(cfg.quantization).group_size
+    return Problem("awq_padding", f"the AWQ MLP width {cfg.intermediate_size} ({cfg.intermediate_size / group:g} "
+                   f"groups of {group}) does not split into whole groups over {tp} ranks: vlserve pads it at load to "
+                   f"{width} ({width // group // tp} groups a rank; zero weights and scales, counted in the memory "
+                   "above)")
 
 
 def vision_split(cfg: ModelConfig, tp: int, mode: str) -> Problem | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from vlserve.config import ModelConfig, VisionConfig, stage_layers
 from vlserve.engine.sampling_params import sampler_chunk_rows
 from vlserve.media.options import MediaOptions, grid_tokens
+from vlserve.model.quantization import PACK, mlp_width
 from vlserve.model.layout import checkpoint_shapes
 
 MIB, GIB = 2**20, 2**30
@@ -29,7 +30,7 @@ ALLOCATOR_ROUNDING = 0.005
 # 0.5 MiB LL protocol buffers), ring and tree connections over up to 8 channels, and the pipeline hand-offs' p2p.
 NCCL_BYTES = 256 * MIB
 CPU_PROCESS_BYTES = 1 * GIB  # Python, torch and the tokenizer, per process, on a CPU plan
-AWQ_PACK = 8  # 4-bit values per int32
+
 # The sampler's worst case (`sampler.WORST_CASE`), in fp32 (seats, vocabulary) logits, measured on the CPU with
 # torch.profiler's allocations: the logits, their penalised copy and its temporary (every seat at once), then the
 # logits, the penalised copy and 5 copies of one chunk of rows (`sampler.row_chunks`: filters, sort, draw).
@@ -109,7 +110,7 @@ class Weights:
             return prod(shape) * dtype_bytes
         rows, cols = shape  # AWQ GEMM layout of an (out, in) weight: qweight int32 (in, out/8), qzeros int32
         groups = cols // group  # (in/group, out/8), scales fp16 (in/group, out)
-        return cols * rows // 2 + groups * (rows // AWQ_PACK) * 4 + groups * rows * 2
+        return cols * rows // 2 + groups * (rows // PACK) * 4 + groups * rows * 2
 
 
 def prod(shape: tuple[int, ...]) -> int:
@@ -147,9 +148,13 @@ def local_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...], tp: int, vi
         return (shape[0], shape[1] // tp) if name.endswith(VISION_ROW) else shape
     if ".k_proj." in name or ".v_proj." in name:  # fewer KV heads than ranks: each rank keeps one
         return (max(1, cfg.num_key_value_heads // tp) * cfg.head_dim, *shape[1:])
-    if ".q_proj." in name or ".gate_proj." in name or ".up_proj." in name:
+    if ".gate_proj." in name or ".up_proj." in name:  # an AWQ MLP padded to whole groups per rank
+        return (mlp_width(cfg, tp) // tp, *shape[1:])
+    if name.endswith(".down_proj.weight"):
+        return (shape[0], mlp_width(cfg, tp) // tp)
+    if ".q_proj." in name:
         return (shape[0] // tp, *shape[1:])
-    if name.endswith((".o_proj.weight", ".down_proj.weight")):
+    if name.endswith(".o_proj.weight"):
         return (shape[0], shape[1] // tp)
     return shape
 

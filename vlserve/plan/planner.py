@@ -200,7 +200,8 @@ class Planner:
         partition = self.partition(pp)
         placed, where = checks.placement(self.inventory, tp, pp)
         cards = [stage_cards for _, stage_cards in placed]
-        found = [checks.quantization(cfg, self.engine.quantization), checks.tensor_parallel(cfg, tp, s.mm_encoder_tp_mode),
+        found = [checks.quantization(cfg, self.engine.quantization),
+                 checks.tensor_parallel(cfg, tp, s.mm_encoder_tp_mode),
                  checks.awq_alignment(cfg, tp), checks.vision_split(cfg, tp, s.mm_encoder_tp_mode),
                  checks.pipeline_parallel(cfg, pp, partition), where]
         used = list(dict.fromkeys(card for stage in cards for card in stage))
@@ -214,6 +215,9 @@ class Planner:
         self.size_memory(c, cards)
         self.check_context(c)
         self.add_notes(c, weakest)
+        padding = checks.awq_padding(cfg, tp)
+        if padding:
+            c.notes.append(padding)
         return c
 
     def partition(self, pp: int) -> tuple[int, ...] | None:
@@ -412,13 +416,6 @@ def make_plan(cfg: ModelConfig, inventory: Inventory, engine: EngineConfig) -> P
     feasible = [c for c in layouts if c.feasible]
     if feasible:
         chosen = max(feasible, key=lambda c: rank_key(planner, c))
-        if cfg.quantization:  # sized and placed, but not servable yet
-            chosen.errors.append(Problem(
-                "awq_loading", f"this layout fits, but vlserve's loader does not read "
-                f"{str(cfg.quantization.get('quant_method', 'quantized')).upper()} weights yet: `vlserve serve` "
-                "would stop at them",
-                "serve the unquantized checkpoint (e.g. Qwen/Qwen2.5-VL-72B-Instruct) for now; the layout above is "
-                "what this checkpoint will need"))
     else:  # the one closest to working: sized (no structural problem), least over its budget
         chosen = max(layouts, key=lambda c: (bool(c.memory), -c.overshoot, -c.settings.step))
         add_fixes(planner, chosen)

@@ -1,7 +1,9 @@
-"""Linear layers split over the tensor-parallel group.
+"""Linear layers split over the tensor-parallel group, dense or in AWQ's 4-bit format (layers/awq.py).
 
 Each parameter carries a `weight_loader(param, loaded, name, shard_id)` that reads only this rank's rows or
 columns from `loaded` (a torch tensor or a lazy safetensors slice), so a rank never materialises whole tensors.
+A layer may be wider than its checkpoint (`real_out` / `real_in`): an AWQ MLP whose groups would not split over
+the ranks is padded to whole groups per rank; the padding holds zero weights and zero scales, so it adds nothing.
 """
 
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 
 from vlserve.distributed.parallel_state import tp_all_reduce, tp_rank, tp_size
 from vlserve.errors import CheckpointError
+from vlserve.model.layers.awq import dequantize
+from vlserve.model.quantization import PACK, AwqConfig
 
 
 def loaded_shape(loaded) -> tuple[int, ...]:
@@ -33,62 +37,111 @@ def default_weight_loader(param: nn.Parameter, loaded, name: str, shard_id=None)
     copy_into(param, loaded)
 
 
+def stored_shape(kind: str, in_features: int, out_features: int, group: int = 1) -> tuple[int, ...]:
+    """How a layer of `in_features` x `out_features` stores each kind of tensor (dense, or AWQ's)."""
+    return {"weight": (out_features, in_features), "bias": (out_features,),
+            "qweight": (in_features, out_features // PACK), "qzeros": (in_features // group, out_features // PACK),
+            "scales": (in_features // group, out_features)}[kind]
+
+
+def out_axis(kind: str) -> tuple[int, int]:
+    """(axis, features per element) of the outputs in a stored tensor of `kind`."""
+    return (0, 1) if kind in ("weight", "bias") else (1, PACK if kind != "scales" else 1)
+
+
+def in_axis(kind: str, group: int) -> tuple[int, int]:
+    """(axis, features per element) of the inputs in a stored tensor of `kind` (not a bias)."""
+    return (1, 1) if kind == "weight" else (0, 1 if kind == "qweight" else group)
+
+
+def load_range(param: torch.Tensor, loaded, axis: int, unit: int, lo: int, hi: int, real: int, dst: int) -> None:
+    """Copies features [lo, hi) along `axis` of the checkpoint tensor (those below `real`: the rest is padding,
+    left zero) into `param` from feature `dst` on."""
+    hi = min(hi, real)
+    if hi <= lo:
+        return
+    index = (slice(None),) * axis + (slice(lo // unit, hi // unit),)
+    copy_into(param.narrow(axis, dst // unit, (hi - lo) // unit), loaded[index])
+
+
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: tuple[int, int] | None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: tuple[int, int] | None,
+                 quant: AwqConfig | None = None):
+        """`in_features` x `out_features`: this rank's part."""
         super().__init__()
         self.tp_rank, self.tp_size = tp if tp is not None else (tp_rank(), tp_size())
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+        self.quant, self.group = quant, quant.group_size if quant else 1
+        kinds = ("qweight", "qzeros", "scales") if quant else ("weight",)
+        for kind in kinds + (("bias",) if bias else ()):
+            dtype = torch.int32 if kind in ("qweight", "qzeros") else None
+            # zeros where padding may stay unloaded (a quantized layer's), else left uninitialised
+            make = torch.zeros if quant else torch.empty
+            param = nn.Parameter(make(stored_shape(kind, in_features, out_features, self.group), dtype=dtype),
+                                 requires_grad=False)
+            param.kind, param.weight_loader = kind, self.weight_loader
+            setattr(self, kind, param)
+        if not bias:
+            self.bias = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight: the stored one, or dequantized (the plain-torch path)."""
+        if self.quant is None:
+            return self.weight
+        return dequantize(self.qweight, self.qzeros, self.scales).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split over ranks; no communication. `tp=(0, 1)` keeps a layer whole (vision data mode)."""
+    """Output features split over ranks; no communication. `tp=(0, 1)` keeps a layer whole (vision data mode).
+    `real_out`: the outputs the checkpoint holds, when the layer is padded wider."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: tuple[int, int] | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: tuple[int, int] | None = None,
+                 quant: AwqConfig | None = None, real_out: int | None = None):
         rank_size = tp if tp is not None else (tp_rank(), tp_size())
         if out_features % rank_size[1]:
             raise CheckpointError(f"{out_features} output features do not split over {rank_size[1]} ranks")
-        super().__init__(in_features, out_features // rank_size[1], bias, tp)
-        self.full_out = out_features
+        super().__init__(in_features, out_features // rank_size[1], bias, tp, quant)
+        self.full_out, self.real_out, self.in_features = out_features, real_out or out_features, in_features
 
     def weight_loader(self, param, loaded, name, shard_id=None):
-        full = (self.full_out, *param.shape[1:])
-        expect_shape(name, loaded, full)
-        n = param.shape[0]
-        copy_into(param, loaded[self.tp_rank * n:(self.tp_rank + 1) * n])
+        self.load_outputs(param, loaded, name, 0, self.full_out, self.real_out, 0)
+
+    def load_outputs(self, param, loaded, name: str, first: int, size: int, real: int, dst: int) -> None:
+        """This rank's share of the `size` outputs that start at output `first` of the layer (`real` of them in
+        the checkpoint tensor `loaded`), written from this rank's output `dst` on."""
+        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, real, self.group))
+        axis, unit = out_axis(param.kind)
+        per = size // self.tp_size
+        load_range(param, loaded, axis, unit, self.tp_rank * per, (self.tp_rank + 1) * per, real, dst)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stored in one weight (gate and up projections)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp=None):
-        super().__init__(in_features, sum(out_sizes), bias, tp)
-        self.out_sizes = out_sizes
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp=None,
+                 quant: AwqConfig | None = None, real_sizes: list[int] | None = None):
+        super().__init__(in_features, sum(out_sizes), bias, tp, quant)
+        self.out_sizes, self.real_sizes = out_sizes, real_sizes or out_sizes
 
     def weight_loader(self, param, loaded, name, shard_id=None):
-        full, per = self.out_sizes[shard_id], self.out_sizes[shard_id] // self.tp_size
-        expect_shape(name, loaded, (full, *param.shape[1:]))
-        offset = sum(self.out_sizes[:shard_id]) // self.tp_size
-        copy_into(param.narrow(0, offset, per), loaded[self.tp_rank * per:(self.tp_rank + 1) * per])
+        dst = sum(self.out_sizes[:shard_id]) // self.tp_size
+        self.load_outputs(param, loaded, name, 0, self.out_sizes[shard_id], self.real_sizes[shard_id], dst)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value heads in one weight. With fewer KV heads than ranks, KV heads are replicated."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = True, tp=None):
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = True, tp=None,
+                 quant: AwqConfig | None = None):
         rank, size = tp if tp is not None else (tp_rank(), tp_size())
         self.num_heads = num_heads // size
         self.num_kv_heads = max(1, num_kv_heads // size)
-        self.head_dim = head_dim
+        self.head_dim, self.in_features = head_dim, hidden
         self.total = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
-        LinearBase.__init__(self, hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias, (rank, size))
+        LinearBase.__init__(self, hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias, (rank, size),
+                            quant)
 
     def weight_loader(self, param, loaded, name, shard_id=None):
         if shard_id is None:  # one fused q|k|v tensor (the vision tower's `qkv`)
@@ -97,35 +150,40 @@ class QKVParallelLinear(ColumnParallelLinear):
                 self.weight_loader(param, loaded[i * rows:(i + 1) * rows], name, part)
             return
         local = self.num_heads if shard_id == "q" else self.num_kv_heads
-        expect_shape(name, loaded, (self.total[shard_id] * self.head_dim, *param.shape[1:]))
+        d = self.head_dim
+        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, self.total[shard_id] * d, self.group))
         if shard_id == "q":
             first_head, offset = self.tp_rank * local, 0
         else:  # rank r uses KV head r * kv // tp: each KV head serves the query heads of its group
             first_head = self.tp_rank * self.total["k"] // self.tp_size
             offset = self.num_heads + (self.num_kv_heads if shard_id == "v" else 0)
-        d = self.head_dim
-        copy_into(param.narrow(0, offset * d, local * d), loaded[first_head * d:(first_head + local) * d])
+        axis, unit = out_axis(param.kind)
+        total = self.total[shard_id] * d
+        load_range(param, loaded, axis, unit, first_head * d, (first_head + local) * d, total, offset * d)
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split over ranks; partial outputs summed with one all-reduce, bias added once."""
+    """Input features split over ranks; partial outputs summed with one all-reduce, bias added once. `real_in`: the
+    inputs the checkpoint holds, when the layer is padded wider."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp=None,
+                 quant: AwqConfig | None = None, real_in: int | None = None):
         rank_size = tp if tp is not None else (tp_rank(), tp_size())
         if in_features % rank_size[1]:
             raise CheckpointError(f"{in_features} input features do not split over {rank_size[1]} ranks")
-        super().__init__(in_features // rank_size[1], out_features, bias, tp)
-        self.full_in = in_features
+        super().__init__(in_features // rank_size[1], out_features, bias, tp, quant)
+        self.full_in, self.real_in, self.out_features = in_features, real_in or in_features, out_features
 
     def weight_loader(self, param, loaded, name, shard_id=None):
-        if param.dim() == 1:  # bias: whole on every rank
+        if param.kind == "bias":  # whole on every rank
             return default_weight_loader(param, loaded, name)
-        expect_shape(name, loaded, (param.shape[0], self.full_in))
-        n = param.shape[1]
-        copy_into(param, loaded[:, self.tp_rank * n:(self.tp_rank + 1) * n])
+        expect_shape(name, loaded, stored_shape(param.kind, self.real_in, self.out_features, self.group))
+        axis, unit = in_axis(param.kind, self.group)
+        per = self.full_in // self.tp_size
+        load_range(param, loaded, axis, unit, self.tp_rank * per, (self.tp_rank + 1) * per, self.real_in, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return F.linear(x, self.dense_weight(), self.bias)
+        y = tp_all_reduce(F.linear(x, self.dense_weight()))
         return y + self.bias if self.bias is not None else y
