@@ -19,7 +19,7 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
   VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
     tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py \
-    tests/test_structured_output.py tests/test_prompt_logprobs.py tests/test_model_equality.py tests/test_awq.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    tests/test_structured_output.py tests/test_prompt_logprobs.py tests/test_model_equality.py tests/test_quantized.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if has base; then
   (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 150 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \

@@ -27,6 +27,8 @@ SPECS = {
 }
 # AWQ 4-bit in groups of 32: the MLP width 96 is 3 groups, which no even tensor-parallel size splits (vlserve pads)
 AWQ_SPEC = TinySpec(awq_group=32, intermediate_size=96, seed=4)
+GPTQ_SPECS = {"asym": TinySpec(gptq_group=32, intermediate_size=96, seed=5),
+              "sym": TinySpec(gptq_group=32, gptq_sym=True, tie_word_embeddings=True, seed=6)}
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +54,16 @@ def qwen2_vl_sharded_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_awq_ckpt(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny_awq"), AWQ_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_gptq"), GPTQ_SPECS["asym"])
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_sym_ckpt(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_gptq_sym"), GPTQ_SPECS["sym"])
 
 
 @pytest.fixture(scope="session", params=sorted(SPECS))

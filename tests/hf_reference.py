@@ -69,7 +69,7 @@ def hf_model(ckpt, cfg):
 
 
 def dequantized_copy(ckpt, out):
-    """The AWQ checkpoint `ckpt` with each quantized layer replaced by its exact dequantized fp32 weight, and no
+    """The AWQ or GPTQ checkpoint `ckpt` with each quantized layer replaced by its exact dequantized fp32 weight, and no
     quantization_config: what transformers runs as the reference for a quantized checkpoint."""
     import json
     import shutil
@@ -77,8 +77,11 @@ def dequantized_copy(ckpt, out):
 
     from safetensors.torch import load_file, save_file
 
-    from vlserve.model.layers.awq import dequantize
+    from vlserve.config import ModelConfig
+    from vlserve.model.layers import awq, gptq
+    from vlserve.model.quantization import QuantConfig
 
+    quant = QuantConfig.of(ModelConfig.from_dir(ckpt).quantization)
     ckpt, out = Path(ckpt), Path(out)
     shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     tensors = {}
@@ -88,9 +91,10 @@ def dequantized_copy(ckpt, out):
     for name, value in tensors.items():
         if name.endswith(".qweight"):
             base = name.removesuffix("qweight")
-            dense[base + "weight"] = dequantize(value, tensors[base + "qzeros"],
-                                                tensors[base + "scales"].float()).t().contiguous()
-        elif not name.endswith((".qzeros", ".scales")):
+            parts = value, tensors[base + "qzeros"], tensors[base + "scales"].float()
+            weight = gptq.dequantize(*parts, quant.zero_offset) if quant.method == "gptq" else awq.dequantize(*parts)
+            dense[base + "weight"] = weight.t().contiguous()
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             dense[name] = value
     save_file(dense, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())

@@ -44,12 +44,16 @@ def rank_model(cfg, tp: int, rank: int, pp: int, stage: int, mode: str):
     ("3B", 16, 1, "data"),  # more ranks than KV heads: replicated
     ("Qwen2-VL-2B", 2, 2, "weights"), ("Qwen2-VL-72B", 8, 2, "weights"),  # LayerNorms, fc1/fc2 split
     ("72B-AWQ", 4, 2, "data"), ("72B-AWQ-29568", 2, 2, "data"), ("72B-AWQ-29568", 8, 1, "weights"),  # padded MLP
+    ("7B-GPTQ", 2, 2, "data"), ("72B-GPTQ", 8, 1, "data"),
 ])
 def test_weights_and_kv_per_rank_to_the_byte(size, tp, pp, mode):
     if size.startswith("Qwen2-VL"):
         raw = qwen2_vl_config(size.split("-")[-1])
     elif size.startswith("72B-AWQ"):
         raw = layout_config("72B", awq=True, intermediate_size=29568 if size.endswith("29568") else None)
+    elif size.endswith("-GPTQ"):
+        raw = layout_config(size.split("-")[0]) | {"quantization_config": {
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}}
     else:
         raw = layout_config(size)
     cfg = parse_config(raw, size, Path("config.json"))

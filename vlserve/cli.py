@@ -28,6 +28,9 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--awq", type=int, default=0, metavar="GROUP",
                    help="quantize the language model's linear layers to AWQ 4-bit (AutoAWQ's GEMM format) with groups "
                    "of GROUP inputs, by round to nearest")
+    p.add_argument("--gptq", type=int, default=0, metavar="GROUP",
+                   help="quantize them to GPTQ 4-bit instead (no act-order), groups of GROUP inputs")
+    p.add_argument("--gptq-sym", action="store_true", help="with --gptq: symmetric (every zero point 8)")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors files (with an index when > 1)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the weights written")
@@ -50,7 +53,7 @@ def run_make_tiny(args) -> None:
         vision_hidden_size=args.vision_hidden_size, vision_heads=args.vision_heads,
         vision_intermediate_size=args.vision_intermediate_size, fullatt_block_indexes=blocks,
         text_only=args.text_only, shards=args.shards, seed=args.seed, dtype=args.dtype, family=args.family,
-        awq_group=args.awq,
+        awq_group=args.awq, gptq_group=args.gptq, gptq_sym=args.gptq_sym,
     )
     out = make_tiny(args.dir, spec)
     print(f"wrote a random-weight tiny checkpoint to {out}")

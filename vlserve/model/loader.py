@@ -65,7 +65,7 @@ def init_dummy_weights(model: torch.nn.Module) -> None:
 
 
 def model_group(model: torch.nn.Module) -> int:
-    return next((m.group for m in model.modules() if getattr(m, "quant", None) is not None), 1)
+    return next((m.quant.group_size for m in model.modules() if getattr(m, "quant", None) is not None), 1)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

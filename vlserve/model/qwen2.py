@@ -13,7 +13,7 @@ from vlserve.config import stage_layers
 from vlserve.distributed.parallel_state import pipeline_stage, tp_size
 from vlserve.model.layers.activation import SiluAndMul
 from vlserve.model.layers.attention import Attention, AttentionMetadata
-from vlserve.model.quantization import AwqConfig, mlp_width
+from vlserve.model.quantization import QuantConfig, mlp_width
 from vlserve.model.layers.embedding import VocabParallelEmbedding
 from vlserve.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vlserve.model.layers.norm import RMSNorm
@@ -21,7 +21,7 @@ from vlserve.model.layers.rotary import MRotaryEmbedding
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: AwqConfig | None = None):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
         super().__init__()
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -40,7 +40,7 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: AwqConfig | None = None):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
         super().__init__()
         real, width = cfg.intermediate_size, mlp_width(cfg, tp_size())
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [width] * 2, quant=quant,
@@ -55,7 +55,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        quant = AwqConfig.of(cfg.quantization, cfg.path)
+        quant = QuantConfig.of(cfg.quantization, cfg.path)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = SelfAttention(cfg, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

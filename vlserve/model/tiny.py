@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from vlserve.config import RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
 from vlserve.errors import ConfigError
-from vlserve.model.layers.awq import quantize
+from vlserve.model.layers import awq, gptq
 from vlserve.model.layout import checkpoint_shapes
 from vlserve.plan.memory import QUANTIZED
 
@@ -58,6 +58,8 @@ class TinySpec:
     text_only: bool = False  # a plain Qwen2ForCausalLM checkpoint
     family: str = "qwen2.5-vl"  # or "qwen2-vl" (FAMILIES)
     awq_group: int = 0  # > 0: the language model's linear layers in AWQ 4-bit, groups of this many inputs
+    gptq_group: int = 0  # > 0: ... in GPTQ 4-bit (without act-order, the original format)
+    gptq_sym: bool = False  # GPTQ symmetric (every zero point 8)
     shards: int = 1
     seed: int = 0
     dtype: str = "float32"
@@ -145,9 +147,14 @@ def tiny_config(spec: TinySpec) -> dict:
         "eos_token_id": 151645,
         RANDOM_WEIGHTS_KEY: True,  # the chat page and /v1/models say so
     }
+    if spec.awq_group and spec.gptq_group:
+        raise ConfigError("--awq and --gptq: choose one quantization")
     if spec.awq_group:
         raw["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": spec.awq_group,
                                       "zero_point": True, "version": "gemm", "modules_to_not_convert": ["visual"]}
+    if spec.gptq_group:
+        raw["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": spec.gptq_group,
+                                      "desc_act": False, "sym": spec.gptq_sym, "checkpoint_format": "gptq"}
     if spec.text_only:
         return raw
     raw.update({
@@ -217,9 +224,14 @@ def _write_weights(out: Path, cfg: ModelConfig, spec: TinySpec) -> None:
     tensors = {}
     for name, shape in checkpoint_shapes(cfg).items():
         value = random_tensor(name, shape, gen)
-        if spec.awq_group and name.startswith("model.layers.") and name.endswith(QUANTIZED):  # AutoAWQ layout, RTN
-            base = name.removesuffix("weight")
-            tensors.update(zip((base + "qweight", base + "qzeros", base + "scales"), quantize(value, spec.awq_group)))
+        base = name.removesuffix("weight")
+        quantized = name.startswith("model.layers.") and name.endswith(QUANTIZED)  # rounded to nearest, our own
+        if spec.awq_group and quantized:  # AutoAWQ's layout
+            tensors.update(zip((base + "qweight", base + "qzeros", base + "scales"),
+                               awq.quantize(value, spec.awq_group)))
+        elif spec.gptq_group and quantized:  # GPTQ's
+            tensors.update(zip((base + "qweight", base + "qzeros", base + "scales", base + "g_idx"),
+                               gptq.quantize(value, spec.gptq_group, spec.gptq_sym)))
         else:
             tensors[name] = value.to(dtype)
     names = list(tensors)

@@ -5,10 +5,11 @@ the whole plan, are raised by planner.py."""
 import re
 from dataclasses import dataclass
 
+from vlserve.errors import ConfigError
 from vlserve.config import ModelConfig, valid_tensor_parallel_sizes, valid_vision_tensor_parallel_sizes
 from vlserve.plan.cards import OLDEST_SUPPORTED, Card
 from vlserve.plan.inventory import Inventory
-from vlserve.model.quantization import PACK, AwqConfig, mlp_width
+from vlserve.model.quantization import PACK, QuantConfig, mlp_width, readable
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ def tensor_parallel(cfg: ModelConfig, tp: int, vision_mode: str) -> Problem | No
 
 
 def awq_misalignment(cfg: ModelConfig, tp: int) -> str | None:
-    """AWQ stores one scale per group of input features: a rank's share of o_proj's inputs must hold whole groups,
-    and of a column-parallel layer whole int32 packs of 8 outputs. (The MLP vlserve pads: `awq_padding`.)"""
-    quant = AwqConfig.of(cfg.quantization)
+    """AWQ and GPTQ store one scale per group of input features: a rank's share of o_proj's inputs must hold whole
+    groups, and of a column-parallel layer whole int32 packs of 8 outputs. (The MLP vlserve pads: `awq_padding`.)"""
+    quant = readable(cfg.quantization)
     if quant is None or tp == 1:
         return None
     group, width = quant.group_size, cfg.num_attention_heads * cfg.head_dim
@@ -69,19 +70,20 @@ def awq_alignment(cfg: ModelConfig, tp: int) -> Problem | None:
     why = awq_misalignment(cfg, tp)
     if why is None:
         return None
-    return Problem("awq_group_alignment", f"--tensor-parallel-size {tp} does not split this AWQ checkpoint: {why} "
+    return Problem("awq_group_alignment", f"--tensor-parallel-size {tp} does not split this quantized checkpoint: {why} "
                    "(\"the input size is not aligned with the quantized weight shape\")",
                    f"tensor-parallel sizes that keep whole groups: {joined(tensor_parallel_sizes(cfg, 'data'))}; "
                    "split the layers with --pipeline-parallel-size instead")
 
 
 def awq_padding(cfg: ModelConfig, tp: int) -> Problem | None:
-    """A note where vlserve pads an AWQ MLP to whole groups per rank (other engines refuse such a split)."""
+    """A note where vlserve pads a quantized MLP to whole groups per rank (other engines refuse such a split)."""
     width = mlp_width(cfg, tp)
     if width == cfg.intermediate_size:
         return None
-    group = AwqConfig.of(cfg.quantization).group_size
-    return Problem("awq_padding", f"the AWQ MLP width {cfg.intermediate_size} ({cfg.intermediate_size / group:g} "
+    quant = readable(cfg.quantization)
+    group = quant.group_size
+    return Problem("awq_padding", f"the {quant.method.upper()} MLP width {cfg.intermediate_size} ({cfg.intermediate_size / group:g} "
                    f"groups of {group}) does not split into whole groups over {tp} ranks: vlserve pads it at load to "
                    f"{width} ({width // group // tp} groups a rank; zero weights and scales, counted in the memory "
                    "above)")
@@ -113,7 +115,7 @@ def pipeline_parallel(cfg: ModelConfig, pp: int, partition: tuple[int, ...] | No
 
 
 def quantization(cfg: ModelConfig, flag: str | None = None) -> Problem | None:
-    """The checkpoint's quantization is one vlserve plans, and --quantization (if given) names it."""
+    """The checkpoint's quantization is one vlserve reads, and --quantization (if given) names it."""
     q = cfg.quantization
     method = q.get("quant_method") if q else None
     if flag is not None and flag.lower() != str(method).lower():
@@ -121,10 +123,11 @@ def quantization(cfg: ModelConfig, flag: str | None = None) -> Problem | None:
                        + (f"says quant_method {method!r}" if q else "has no quantization_config (its weights are not "
                           "quantized; vlserve does not quantize at load)"),
                        "drop --quantization: vlserve reads the method from config.json")
-    if not q or method == "awq" and int(q.get("bits", 4)) == 4:
-        return None
-    return Problem("quantization", f"{cfg.path}: quantization {q.get('quant_method')!r} with {q.get('bits')} bits is "
-                   "not one vlserve plans or serves", "use the bf16 checkpoint or a 4-bit AWQ one")
+    try:
+        QuantConfig.of(q, cfg.path)
+    except ConfigError as e:
+        return Problem("quantization", str(e), "use the bf16 checkpoint, or a 4-bit AWQ or GPTQ one")
+    return None
 
 
 def placement(inventory: Inventory, tp: int, pp: int) -> tuple[list[tuple[int, list[Card]]], Problem | None]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from vlserve.config import ModelConfig, VisionConfig, stage_layers
 from vlserve.engine.sampling_params import sampler_chunk_rows
 from vlserve.media.options import MediaOptions, grid_tokens
-from vlserve.model.quantization import PACK, mlp_width
+from vlserve.model.quantization import PACK, QuantConfig, mlp_width, readable
 from vlserve.model.layout import checkpoint_shapes
 
 MIB, GIB = 2**20, 2**30
@@ -105,12 +105,17 @@ class Weights:
         return self.cache[key]
 
     def tensor_bytes(self, name: str, shape: tuple[int, ...], dtype_bytes: int) -> int:
-        group = awq_group_size(self.cfg, name)
-        if group is None:
+        quant = quantized(self.cfg, name)
+        if quant is None:
             return prod(shape) * dtype_bytes
-        rows, cols = shape  # AWQ GEMM layout of an (out, in) weight: qweight int32 (in, out/8), qzeros int32
-        groups = cols // group  # (in/group, out/8), scales fp16 (in/group, out)
-        return cols * rows // 2 + groups * (rows // PACK) * 4 + groups * rows * 2
+        # an (out, in) weight as AWQ or GPTQ store it: 4-bit weights, int32 zero points (in/group, out/8), 16-bit
+        # scales (in/group, out); GPTQ also keeps each input's group index, int32 (in,)
+        rows, cols = shape
+        groups = cols // quant.group_size
+        # (one g_idx for a merged q|k|v or gate|up layer: the shards' are the same)
+        shared = name.endswith((".k_proj.weight", ".v_proj.weight", ".up_proj.weight"))
+        g_idx = cols * 4 if quant.method == "gptq" and not shared else 0
+        return cols * rows // 2 + groups * (rows // PACK) * 4 + groups * rows * 2 + g_idx
 
 
 def prod(shape: tuple[int, ...]) -> int:
@@ -126,14 +131,11 @@ VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1.", "mer
 VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "mlp.fc2.weight", "merger.mlp.2.weight")  # columns split
 
 
-def awq_group_size(cfg: ModelConfig, name: str) -> int | None:
-    """The AWQ group size if this checkpoint tensor is a 4-bit quantized weight, else None."""
-    q = cfg.quantization or {}
-    if q.get("quant_method") != "awq" or not name.startswith("model.layers.") or not name.endswith(QUANTIZED):
+def quantized(cfg: ModelConfig, name: str) -> QuantConfig | None:
+    """The checkpoint's quantization if this tensor is one of the language model's 4-bit weights, else None."""
+    if not name.startswith("model.layers.") or not name.endswith(QUANTIZED):
         return None
-    if any(module in name for module in q.get("modules_to_not_convert") or ()):
-        return None
-    return int(q.get("group_size", 128))
+    return readable(cfg.quantization)
 
 
 def local_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...], tp: int, vision_split: bool) -> tuple[int, ...]:

@@ -1,9 +1,10 @@
-"""Linear layers split over the tensor-parallel group, dense or in AWQ's 4-bit format (layers/awq.py).
+"""Linear layers split over the tensor-parallel group, dense or 4-bit (AWQ's format, layers/awq.py, or GPTQ's,
+layers/gptq.py).
 
 Each parameter carries a `weight_loader(param, loaded, name, shard_id)` that reads only this rank's rows or
 columns from `loaded` (a torch tensor or a lazy safetensors slice), so a rank never materialises whole tensors.
-A layer may be wider than its checkpoint (`real_out` / `real_in`): an AWQ MLP whose groups would not split over
-the ranks is padded to whole groups per rank; the padding holds zero weights and zero scales, so it adds nothing.
+A layer may be wider than its checkpoint (`real_out` / `real_in`): a quantized MLP whose groups would not split
+over the ranks is padded to whole groups per rank; the padding holds zero weights and zero scales, so it adds nothing.
 """
 
 import torch
@@ -12,8 +13,8 @@ from torch import nn
 
 from vlserve.distributed.parallel_state import tp_all_reduce, tp_rank, tp_size
 from vlserve.errors import CheckpointError
-from vlserve.model.layers.awq import dequantize
-from vlserve.model.quantization import PACK, AwqConfig
+from vlserve.model.layers import awq, gptq
+from vlserve.model.quantization import PACK, QuantConfig
 
 
 def loaded_shape(loaded) -> tuple[int, ...]:
@@ -37,21 +38,42 @@ def default_weight_loader(param: nn.Parameter, loaded, name: str, shard_id=None)
     copy_into(param, loaded)
 
 
-def stored_shape(kind: str, in_features: int, out_features: int, group: int = 1) -> tuple[int, ...]:
-    """How a layer of `in_features` x `out_features` stores each kind of tensor (dense, or AWQ's)."""
+def stored_shape(kind: str, in_features: int, out_features: int, quant: QuantConfig | None = None
+                 ) -> tuple[int, ...]:
+    """How a layer of `in_features` x `out_features` stores each kind of tensor (dense, AWQ's or GPTQ's)."""
+    g = quant.group_size if quant else 1
+    gptq_rows = quant is not None and quant.method == "gptq"
     return {"weight": (out_features, in_features), "bias": (out_features,),
-            "qweight": (in_features, out_features // PACK), "qzeros": (in_features // group, out_features // PACK),
-            "scales": (in_features // group, out_features)}[kind]
+            "qweight": (in_features // PACK, out_features) if gptq_rows else (in_features, out_features // PACK),
+            "qzeros": (in_features // g, out_features // PACK), "scales": (in_features // g, out_features),
+            "g_idx": (in_features,)}[kind]
 
 
-def out_axis(kind: str) -> tuple[int, int]:
-    """(axis, features per element) of the outputs in a stored tensor of `kind`."""
-    return (0, 1) if kind in ("weight", "bias") else (1, PACK if kind != "scales" else 1)
+def out_axis(kind: str, quant: QuantConfig | None) -> tuple[int, int] | None:
+    """(axis, features per element) of the outputs in a stored tensor of `kind`; None: it has none (g_idx)."""
+    if kind in ("weight", "bias"):
+        return 0, 1
+    if kind == "g_idx":
+        return None
+    packed = kind == "qzeros" or (kind == "qweight" and quant.method == "awq")
+    return 1, PACK if packed else 1
 
 
-def in_axis(kind: str, group: int) -> tuple[int, int]:
+def in_axis(kind: str, quant: QuantConfig | None) -> tuple[int, int]:
     """(axis, features per element) of the inputs in a stored tensor of `kind` (not a bias)."""
-    return (1, 1) if kind == "weight" else (0, 1 if kind == "qweight" else group)
+    if kind == "weight":
+        return 1, 1
+    if kind == "qweight":
+        return 0, PACK if quant.method == "gptq" else 1
+    return 0, 1 if kind == "g_idx" else quant.group_size
+
+
+def check_groups(name: str, loaded, group: int) -> None:
+    """GPTQ's g_idx must be each input's own group (no act-order): the layers read groups in order."""
+    g_idx = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    if not torch.equal(g_idx.long(), torch.arange(len(g_idx)) // group):
+        raise CheckpointError(f"tensor {name} reorders the inputs' groups (act-order): vlserve reads GPTQ checkpoints "
+                              "quantized with desc_act false")
 
 
 def load_range(param: torch.Tensor, loaded, axis: int, unit: int, lo: int, hi: int, real: int, dst: int) -> None:
@@ -66,17 +88,18 @@ def load_range(param: torch.Tensor, loaded, axis: int, unit: int, lo: int, hi: i
 
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: tuple[int, int] | None,
-                 quant: AwqConfig | None = None):
+                 quant: QuantConfig | None = None):
         """`in_features` x `out_features`: this rank's part."""
         super().__init__()
         self.tp_rank, self.tp_size = tp if tp is not None else (tp_rank(), tp_size())
-        self.quant, self.group = quant, quant.group_size if quant else 1
-        kinds = ("qweight", "qzeros", "scales") if quant else ("weight",)
+        self.quant = quant
+        kinds = {None: ("weight",), "awq": ("qweight", "qzeros", "scales"),
+                 "gptq": ("qweight", "qzeros", "scales", "g_idx")}[quant.method if quant else None]
         for kind in kinds + (("bias",) if bias else ()):
-            dtype = torch.int32 if kind in ("qweight", "qzeros") else None
+            dtype = torch.int32 if kind in ("qweight", "qzeros", "g_idx") else None
             # zeros where padding may stay unloaded (a quantized layer's), else left uninitialised
             make = torch.zeros if quant else torch.empty
-            param = nn.Parameter(make(stored_shape(kind, in_features, out_features, self.group), dtype=dtype),
+            param = nn.Parameter(make(stored_shape(kind, in_features, out_features, quant), dtype=dtype),
                                  requires_grad=False)
             param.kind, param.weight_loader = kind, self.weight_loader
             setattr(self, kind, param)
@@ -87,7 +110,9 @@ class LinearBase(nn.Module):
         """The (out, in) weight: the stored one, or dequantized (the plain-torch path)."""
         if self.quant is None:
             return self.weight
-        return dequantize(self.qweight, self.qzeros, self.scales).t()
+        if self.quant.method == "gptq":
+            return gptq.dequantize(self.qweight, self.qzeros, self.scales, self.quant.zero_offset).t()
+        return awq.dequantize(self.qweight, self.qzeros, self.scales).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
@@ -98,7 +123,7 @@ class ColumnParallelLinear(LinearBase):
     `real_out`: the outputs the checkpoint holds, when the layer is padded wider."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: tuple[int, int] | None = None,
-                 quant: AwqConfig | None = None, real_out: int | None = None):
+                 quant: QuantConfig | None = None, real_out: int | None = None):
         rank_size = tp if tp is not None else (tp_rank(), tp_size())
         if out_features % rank_size[1]:
             raise CheckpointError(f"{out_features} output features do not split over {rank_size[1]} ranks")
@@ -111,8 +136,11 @@ class ColumnParallelLinear(LinearBase):
     def load_outputs(self, param, loaded, name: str, first: int, size: int, real: int, dst: int) -> None:
         """This rank's share of the `size` outputs that start at output `first` of the layer (`real` of them in
         the checkpoint tensor `loaded`), written from this rank's output `dst` on."""
-        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, real, self.group))
-        axis, unit = out_axis(param.kind)
+        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, real, self.quant))
+        if param.kind == "g_idx":  # the inputs' groups: whole on every rank, the same for every output
+            check_groups(name, loaded, self.quant.group_size)
+            return copy_into(param, loaded)
+        axis, unit = out_axis(param.kind, self.quant)
         per = size // self.tp_size
         load_range(param, loaded, axis, unit, self.tp_rank * per, (self.tp_rank + 1) * per, real, dst)
 
@@ -121,7 +149,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stored in one weight (gate and up projections)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp=None,
-                 quant: AwqConfig | None = None, real_sizes: list[int] | None = None):
+                 quant: QuantConfig | None = None, real_sizes: list[int] | None = None):
         super().__init__(in_features, sum(out_sizes), bias, tp, quant)
         self.out_sizes, self.real_sizes = out_sizes, real_sizes or out_sizes
 
@@ -134,7 +162,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value heads in one weight. With fewer KV heads than ranks, KV heads are replicated."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = True, tp=None,
-                 quant: AwqConfig | None = None):
+                 quant: QuantConfig | None = None):
         rank, size = tp if tp is not None else (tp_rank(), tp_size())
         self.num_heads = num_heads // size
         self.num_kv_heads = max(1, num_kv_heads // size)
@@ -151,13 +179,16 @@ class QKVParallelLinear(ColumnParallelLinear):
             return
         local = self.num_heads if shard_id == "q" else self.num_kv_heads
         d = self.head_dim
-        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, self.total[shard_id] * d, self.group))
+        expect_shape(name, loaded, stored_shape(param.kind, self.in_features, self.total[shard_id] * d, self.quant))
+        if param.kind == "g_idx":
+            check_groups(name, loaded, self.quant.group_size)
+            return copy_into(param, loaded)
         if shard_id == "q":
             first_head, offset = self.tp_rank * local, 0
         else:  # rank r uses KV head r * kv // tp: each KV head serves the query heads of its group
             first_head = self.tp_rank * self.total["k"] // self.tp_size
             offset = self.num_heads + (self.num_kv_heads if shard_id == "v" else 0)
-        axis, unit = out_axis(param.kind)
+        axis, unit = out_axis(param.kind, self.quant)
         total = self.total[shard_id] * d
         load_range(param, loaded, axis, unit, first_head * d, (first_head + local) * d, total, offset * d)
 
@@ -167,7 +198,7 @@ class RowParallelLinear(LinearBase):
     inputs the checkpoint holds, when the layer is padded wider."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp=None,
-                 quant: AwqConfig | None = None, real_in: int | None = None):
+                 quant: QuantConfig | None = None, real_in: int | None = None):
         rank_size = tp if tp is not None else (tp_rank(), tp_size())
         if in_features % rank_size[1]:
             raise CheckpointError(f"{in_features} input features do not split over {rank_size[1]} ranks")
@@ -177,8 +208,10 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param, loaded, name, shard_id=None):
         if param.kind == "bias":  # whole on every rank
             return default_weight_loader(param, loaded, name)
-        expect_shape(name, loaded, stored_shape(param.kind, self.real_in, self.out_features, self.group))
-        axis, unit = in_axis(param.kind, self.group)
+        expect_shape(name, loaded, stored_shape(param.kind, self.real_in, self.out_features, self.quant))
+        if param.kind == "g_idx":
+            check_groups(name, loaded, self.quant.group_size)
+        axis, unit = in_axis(param.kind, self.quant)
         per = self.full_in // self.tp_size
         load_range(param, loaded, axis, unit, self.tp_rank * per, (self.tp_rank + 1) * per, self.real_in, 0)
 
