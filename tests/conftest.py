@@ -25,45 +25,25 @@ SPECS = {
                                  tie_word_embeddings=True, vision_depth=3, vision_hidden_size=48, vision_heads=3,
                                  num_hidden_layers=3, shards=2, seed=3),
 }
-# AWQ 4-bit in groups of 32: the MLP width 96 is 3 groups, which no even tensor-parallel size splits (vlserve pads)
-AWQ_SPEC = TinySpec(awq_group=32, intermediate_size=96, seed=4)
-GPTQ_SPECS = {"asym": TinySpec(gptq_group=32, intermediate_size=96, seed=5),
-              "sym": TinySpec(gptq_group=32, gptq_sym=True, tie_word_embeddings=True, seed=6)}
+# Quantized (`make-tiny --awq/--gptq`): the MLP width 96 is 3 groups of 32, which no even tensor-parallel size
+# splits (vlserve pads); GPTQ symmetric with tied embeddings beside it
+QUANTIZED_SPECS = {
+    "tiny_awq": TinySpec(awq_group=32, intermediate_size=96, seed=4),
+    "tiny_gptq": TinySpec(gptq_group=32, intermediate_size=96, seed=5),
+    "tiny_gptq_sym": TinySpec(gptq_group=32, gptq_sym=True, tie_word_embeddings=True, seed=6),
+}
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"), SPECS["tiny"])
+def checkpoint_fixture(name: str, spec: TinySpec):
+    """A session fixture `<name>_ckpt`: the checkpoint of `spec`, written once."""
+    @pytest.fixture(scope="session", name=f"{name}_ckpt")
+    def checkpoint(tmp_path_factory):
+        return make_tiny(tmp_path_factory.mktemp(name), spec)
+    return checkpoint
 
 
-@pytest.fixture(scope="session")
-def tiny_sharded_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny_sharded"), SPECS["tiny_sharded"])
-
-
-@pytest.fixture(scope="session")
-def qwen2_vl_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("qwen2_vl"), SPECS["qwen2_vl"])
-
-
-@pytest.fixture(scope="session")
-def qwen2_vl_sharded_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("qwen2_vl_sharded"), SPECS["qwen2_vl_sharded"])
-
-
-@pytest.fixture(scope="session")
-def tiny_awq_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny_awq"), AWQ_SPEC)
-
-
-@pytest.fixture(scope="session")
-def tiny_gptq_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny_gptq"), GPTQ_SPECS["asym"])
-
-
-@pytest.fixture(scope="session")
-def tiny_gptq_sym_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny_gptq_sym"), GPTQ_SPECS["sym"])
+for _name, _spec in {**SPECS, **QUANTIZED_SPECS}.items():
+    globals()[f"{_name}_ckpt"] = checkpoint_fixture(_name, _spec)
 
 
 @pytest.fixture(scope="session", params=sorted(SPECS))
