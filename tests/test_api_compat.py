@@ -18,10 +18,11 @@ from vlserve.media.templates import TOOLS_TEMPLATE
 
 KEY = "sk-vllm-key"
 HELLO = [{"role": "user", "content": "Hello"}]
-FUNCTION = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}, "days": {"type": "integer", "minimum": 1,
-                                                                                  "maximum": 7}},
-    "required": ["city", "days"], "additionalProperties": False}}}
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]},
+                                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                "required": ["city", "days"], "additionalProperties": False}
+FUNCTION = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                             "parameters": WEATHER_ARGS}}
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def test_prompt_logprobs_beside_other_requests(llm):
     plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     alone = llm.generate(["one two three four five six seven eight nine ten"] * 3, plain, use_tqdm=False)
     mixed = llm.generate(["one two three four five six seven eight nine ten"] * 3,
-                         [plain, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0), plain],
+                         [plain, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0),
+                          plain],
                          use_tqdm=False)
     assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in mixed]
     assert [len(lp.top) for lp in mixed[1].prompt_logprobs[1:]] == [0] * (len(mixed[1].prompt_token_ids) - 1)

@@ -90,7 +90,8 @@ class ModelConfig:
         if not Path(path).is_dir():
             raise ConfigError(f"model folder {path} does not exist; pass a folder holding a Hugging Face checkpoint")
         if not file.is_file():
-            raise ConfigError(f"{file} is missing; a Hugging Face checkpoint folder holds config.json beside its weights")
+            raise ConfigError(f"{file} is missing; a Hugging Face checkpoint folder holds config.json beside its "
+                              "weights")
         try:
             raw = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -296,8 +297,9 @@ def resolve_model_path(model: str) -> str:
 
 
 def is_hub_name(model: str) -> bool:
-    """"Qwen/Qwen2.5-VL-7B-Instruct": an organisation and a name, not a path."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) is not None and not model.startswith((".", "~"))
+    """"Qwen/Qwen2.5-VL-7B-Instruct": an organisation and a name, and no path on this machine."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) is not None and not model.startswith((".", "~"))
+            and not os.path.exists(model))
 
 
 # Knobs `vlserve plan` chooses and the engine may tighten, one step at a time, when the model would not fit

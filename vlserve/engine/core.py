@@ -100,9 +100,7 @@ class EngineCore:
         """Queues the request's n samples. The input processor has checked it; an id in use is a caller's bug."""
         if self.runner is None:
             raise EngineDeadError("this engine was shut down; create a new one to generate")
-        if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        if req.request_id in self.compiling:
+        if req.request_id in self.requests or req.request_id in self.compiling:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if req.params.structured_outputs is not None:  # queued once its grammar is compiled (`admit_compiled`)
             self.compiling[req.request_id] = (req, self.grammars.compile(req.params.structured_outputs))

@@ -4,9 +4,9 @@ One batched pass over the rows that sample this step; per-row Python only builds
 which reach the device without a host sync (transfer.py). `sample` launches the work and returns the token ids on
 the device, copied to the host in the background; `read` waits for that copy. A row's last token may itself still
 be on the device (async scheduling: `PendingTokens`, the step before's samples): penalties, min_tokens and seeds
-count it without reading it. Before the filters, the request's own rules: penalties, min_tokens, logit_bias, allowed_token_ids, then the
-grammar of structured output (engine/structured.py). Filter order follows transformers' `generate`: temperature,
-top-k, top-p, min-p.
+count it without reading it. Before the filters, the request's own rules: penalties, min_tokens, logit_bias,
+allowed_token_ids, then the grammar of structured output (engine/structured.py). Filter order follows
+transformers' `generate`: temperature, top-k, top-p, min-p.
 """
 
 import hashlib

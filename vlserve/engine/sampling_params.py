@@ -43,10 +43,13 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+        return self.given()[0]
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
 
     def validate(self) -> None:
-        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        given = self.given()
         if len(given) != 1:
             raise InvalidRequestError(f"structured output takes exactly one of json, regex, choice, grammar, "
                                       f"json_object; got {given or 'none'}")
@@ -159,14 +162,12 @@ class SamplingParams:
             number("truncate_prompt_tokens", self.truncate_prompt_tokens, ints=True)
             if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
                 bad("truncate_prompt_tokens", f"must be a positive count or -1, got {self.truncate_prompt_tokens}")
-        if self.prompt_logprobs is not None:
-            number("prompt_logprobs", self.prompt_logprobs, ints=True)
-            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
-                bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
-        if self.logprobs is not None:
-            number("logprobs", self.logprobs, ints=True)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("prompt_logprobs", "logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                number(name, value, ints=True)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    bad(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
 
     def validate_token_choices(self, bad) -> None:
         """logit_bias and allowed_token_ids: their shapes and sizes (the input processor checks the ids against the

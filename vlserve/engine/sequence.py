@@ -3,8 +3,8 @@
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from enum import Enum, auto
+from typing import Any
 
 import torch
 

@@ -2,7 +2,8 @@
 benchmarks) turns a request into a validated EngineRequest.
 
 Rules run cheapest first, each once (inputs/checks.py): sampling parameters (token ids against the vocabulary, the
-structured output's grammar parsed) and per-request media options (which may only tighten the server's), media counts before anything is fetched, a lower bound on the prompt's tokens
+structured output's grammar parsed) and per-request media options (which may only tighten the server's), media
+counts before anything is fetched, a lower bound on the prompt's tokens
 before tokenizing, each item's token count from its header before any pixel is decoded, the exact prompt length
 and KV fit after tokenizing; then pixels, pad expansion and M-RoPE positions. A refused request has cost at most
 its own bytes and headers. Thread-safe: the server runs several requests at once in a thread pool.

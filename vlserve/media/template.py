@@ -113,7 +113,8 @@ def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, cfg: ModelConfi
             f"the chat template of {Path(cfg.path).name!r} does not show tools to the model (Qwen2.5-VL's own does "
             f"not); start the server with --chat-template {TOOLS_TEMPLATE} (its template plus Qwen's tool format)")
     try:
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=rendering.add_generation_prompt,
+        text = tokenizer.apply_chat_template(chat, tokenize=False,
+                                             add_generation_prompt=rendering.add_generation_prompt,
                                              continue_final_message=rendering.continue_final_message,
                                              tools=rendering.tools, **(rendering.template_kwargs or {}))
     except (jinja2.TemplateError, ValueError) as e:  # ValueError: no final message text to continue

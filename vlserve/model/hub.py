@@ -6,7 +6,6 @@ the command that fetches it. The folder then goes through the same checks as any
 """
 
 import logging
-import os
 import re
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ def fetched(config: EngineConfig) -> EngineConfig:
     downloaded. The engine's first step, before the plan (`vlserve plan` reads public layouts by name instead)."""
     changes = {field: snapshot_folder(name, config.download_dir) for field, name in
                (("model", config.model), ("tokenizer", config.tokenizer))
-               if name is not None and not os.path.exists(name) and is_hub_name(name)}
+               if name is not None and is_hub_name(name)}
     return replace(config, **changes) if changes else config
 
 

@@ -8,6 +8,14 @@ from vlserve.errors import ConfigError
 
 PACK = 8  # 4-bit values per int32
 METHODS = ("awq", "gptq")
+# The language model's linear layers, the ones a quantized checkpoint stores in 4 bits (the vision tower stays dense)
+QUANTIZED = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight", ".gate_proj.weight",
+             ".up_proj.weight", ".down_proj.weight")
+
+
+def is_quantized_weight(name: str) -> bool:
+    """Whether the dense checkpoint tensor `name` is one a quantized checkpoint stores in 4 bits."""
+    return name.startswith("model.layers.") and name.endswith(QUANTIZED)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from vlserve.config import RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
 from vlserve.errors import ConfigError
 from vlserve.model.layers import awq, gptq
 from vlserve.model.layout import checkpoint_shapes
-from vlserve.plan.memory import QUANTIZED
+from vlserve.model.quantization import is_quantized_weight
 
 # The official Qwen2.5-VL chat template (system default, images and videos inside user turns).
 CHAT_TEMPLATE = (
@@ -225,7 +225,7 @@ def _write_weights(out: Path, cfg: ModelConfig, spec: TinySpec) -> None:
     for name, shape in checkpoint_shapes(cfg).items():
         value = random_tensor(name, shape, gen)
         base = name.removesuffix("weight")
-        quantized = name.startswith("model.layers.") and name.endswith(QUANTIZED)  # rounded to nearest, our own
+        quantized = is_quantized_weight(name)  # rounded to nearest, our own quantizer
         if spec.awq_group and quantized:  # AutoAWQ's layout
             tensors.update(zip((base + "qweight", base + "qzeros", base + "scales"),
                                awq.quantize(value, spec.awq_group)))

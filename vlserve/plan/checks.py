@@ -70,8 +70,8 @@ def awq_alignment(cfg: ModelConfig, tp: int) -> Problem | None:
     why = awq_misalignment(cfg, tp)
     if why is None:
         return None
-    return Problem("awq_group_alignment", f"--tensor-parallel-size {tp} does not split this quantized checkpoint: {why} "
-                   "(\"the input size is not aligned with the quantized weight shape\")",
+    return Problem("awq_group_alignment", f"--tensor-parallel-size {tp} does not split this quantized checkpoint: "
+                   f"{why} (\"the input size is not aligned with the quantized weight shape\")",
                    f"tensor-parallel sizes that keep whole groups: {joined(tensor_parallel_sizes(cfg, 'data'))}; "
                    "split the layers with --pipeline-parallel-size instead")
 
@@ -83,7 +83,8 @@ def awq_padding(cfg: ModelConfig, tp: int) -> Problem | None:
         return None
     quant = readable(cfg.quantization)
     group = quant.group_size
-    return Problem("awq_padding", f"the {quant.method.upper()} MLP width {cfg.intermediate_size} ({cfg.intermediate_size / group:g} "
+    width_groups = cfg.intermediate_size / group
+    return Problem("awq_padding", f"the {quant.method.upper()} MLP width {cfg.intermediate_size} ({width_groups:g} "
                    f"groups of {group}) does not split into whole groups over {tp} ranks: vlserve pads it at load to "
                    f"{width} ({width // group // tp} groups a rank; zero weights and scales, counted in the memory "
                    "above)")

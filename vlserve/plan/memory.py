@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from vlserve.config import ModelConfig, VisionConfig, stage_layers
 from vlserve.engine.sampling_params import sampler_chunk_rows
 from vlserve.media.options import MediaOptions, grid_tokens
-from vlserve.model.quantization import PACK, QuantConfig, mlp_width, readable
+from vlserve.model.quantization import PACK, QuantConfig, is_quantized_weight, mlp_width, readable
 from vlserve.model.layout import checkpoint_shapes
 
 MIB, GIB = 2**20, 2**30
@@ -125,15 +125,13 @@ def prod(shape: tuple[int, ...]) -> int:
     return n
 
 
-QUANTIZED = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight", ".gate_proj.weight",
-             ".up_proj.weight", ".down_proj.weight")
 VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1.", "merger.mlp.0.")  # output rows split
 VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "mlp.fc2.weight", "merger.mlp.2.weight")  # columns split
 
 
 def quantized(cfg: ModelConfig, name: str) -> QuantConfig | None:
     """The checkpoint's quantization if this tensor is one of the language model's 4-bit weights, else None."""
-    if not name.startswith("model.layers.") or not name.endswith(QUANTIZED):
+    if not is_quantized_weight(name):
         return None
     return readable(cfg.quantization)
 

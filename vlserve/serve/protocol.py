@@ -325,15 +325,10 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str
-
-
 class ToolCallOut(BaseModel):
     id: str
     type: Literal["function"] = "function"
-    function: FunctionCallOut
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):

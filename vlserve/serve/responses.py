@@ -11,10 +11,10 @@ from vlserve.engine.sampler import Logprob
 from vlserve.serve.errors import status_of
 from vlserve.serve.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChoiceLogprobs,
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, FunctionCallOut,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, FunctionCall,
     PromptLogprob, PromptLogprobs, StreamOptions, TokenLogprob, ToolCallOut, TopLogprob, Usage, error_json, new_id,
 )
-from vlserve.serve.tools import ChoiceTools, ToolMode, whole_choice
+from vlserve.serve.tools import ChoiceTools, ToolMode, tool_finish_reason, whole_choice
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -141,11 +141,11 @@ def chat_response(final: RequestOutput, model: str, token_text: TokenText,
     choices = []
     for o in final.outputs:
         content, calls, chose = whole_choice(o.text, mode)
-        calls_out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        calls_out = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
                      for c in calls]
-        reason = "tool_calls" if chose and o.finish_reason == "stop" else o.finish_reason
         choices.append(ChatChoice(index=o.index, message=ChatMessage(content=content, tool_calls=calls_out),
-                                  finish_reason=reason, logprobs=token_text.chat(o.token_ids, o.logprobs)))
+                                  finish_reason=tool_finish_reason(chose, o.finish_reason),
+                                  logprobs=token_text.chat(o.token_ids, o.logprobs)))
     completion = sum(len(o.token_ids) for o in final.outputs)
     return ChatCompletionResponse(model=model, choices=choices,
                                   usage=usage(len(final.prompt_token_ids), completion, final.num_cached_tokens),
@@ -160,16 +160,18 @@ def completion_response(finals: list[RequestOutput], model: str, n: int, token_t
     for i, final in enumerate(finals):  # OpenAI numbers choices prompt-major: prompt i, sample j -> i * n + j
         prompt_tokens += len(final.prompt_token_ids)
         cached += final.num_cached_tokens
-        prompt_logprobs = token_text.prompt(final.prompt_token_ids, final.prompt_logprobs)
+        # asked for, not only computed for echo's logprobs
+        prompt_logprobs = (token_text.prompt(final.prompt_token_ids, final.prompt_logprobs)
+                           if req.prompt_logprobs is not None else None)
         for o in final.outputs:
             completion += len(o.token_ids)
             logprobs = token_text.completion(o.token_ids, o.logprobs, len(echoes[i]))
             if req.echo and logprobs is not None:
                 logprobs = token_text.completion(final.prompt_token_ids, final.prompt_logprobs, 0,
                                                  req.logprobs) + logprobs
-            choices.append(CompletionChoice(index=i * n + o.index, text=echoes[i] + o.text, finish_reason=o.finish_reason,
-                                            logprobs=logprobs, prompt_logprobs=prompt_logprobs
-                                            if req.prompt_logprobs is not None else None))
+            choices.append(CompletionChoice(index=i * n + o.index, text=echoes[i] + o.text,
+                                            finish_reason=o.finish_reason, logprobs=logprobs,
+                                            prompt_logprobs=prompt_logprobs))
     return CompletionResponse(model=model, choices=choices, usage=usage(prompt_tokens, completion, cached))
 
 
@@ -204,9 +206,8 @@ async def chat_stream(stream: AsyncIterator[RequestOutput], model: str, n: int, 
                 text, calls = (o.text, None) if not mode.calls_tools else tools[o.index].feed(
                     o.text, o.finish_reason is not None)
                 if text or calls or o.finish_reason or o.logprobs:
-                    message = DeltaMessage(**({"tool_calls": calls} if calls else {"content": text}))
-                    if calls and text:
-                        message.content = text
+                    fields = {"content": text} if text or not calls else {}  # only the fields set are sent
+                    message = DeltaMessage(**fields, **({"tool_calls": calls} if calls else {}))
                     yield chunk([ChatChunkChoice(index=o.index, delta=message,
                                                  finish_reason=tools[o.index].finish_reason(o.finish_reason),
                                                  logprobs=token_text.chat(o.token_ids, o.logprobs))])

@@ -72,7 +72,7 @@ def served_name(model: str) -> str:
     folder's name."""
     from vlserve.config import is_hub_name
 
-    return model if is_hub_name(model) and not os.path.exists(model) else os.path.basename(os.path.normpath(model))
+    return model if is_hub_name(model) else os.path.basename(os.path.normpath(model))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -220,9 +220,12 @@ class ChoiceTools:
         return out
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's: "tool_calls" when the model called tools of its own choice (auto, required) and stopped."""
-        called = self.num_calls and self.mode.choice in ("auto", "required")
-        return "tool_calls" if called and reason == "stop" else reason
+        return tool_finish_reason(bool(self.num_calls) and self.mode.choice in ("auto", "required"), reason)
+
+
+def tool_finish_reason(chose: bool, reason: str | None) -> str | None:
+    """OpenAI's: "tool_calls" when the model called tools of its own choice (auto, required) and stopped."""
+    return "tool_calls" if chose and reason == "stop" else reason
 
 
 def whole_choice(text: str, mode: ToolMode) -> tuple[str | None, list[ToolCall], bool]:
