@@ -271,12 +271,20 @@ def apply_token_choices(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
                                   device_tensor(biases, torch.float32, dev), accumulate=True)
     allowed = [i for i, seq in enumerate(seqs) if seq.params.allowed_token_ids]
     if allowed:
-        at = [(j, t) for j, i in enumerate(allowed) for t in seqs[i].params.allowed_token_ids]
         keep = torch.zeros(len(allowed), logits.shape[-1], dtype=torch.bool, device=dev)
-        keep[tuple(device_tensor(list(column), torch.long, dev) for column in zip(*at))] = True
+        for j, i in enumerate(allowed):
+            keep[j, _allowed_ids(seqs[i], dev)] = True
         idx = device_tensor(allowed, torch.long, dev)
         logits = logits.index_put((idx,), logits[idx].masked_fill(~keep, -float("inf")))
     return logits
+
+
+def _allowed_ids(seq: Sequence, device) -> torch.Tensor:
+    """allowed_token_ids on the logits' device, made once per sequence (a list of 100k ids rebuilt every step
+    would cost every sequence in the batch milliseconds)."""
+    if seq.allowed_ids_tensor is None or seq.allowed_ids_tensor.device != torch.device(device):
+        seq.allowed_ids_tensor = device_tensor(seq.params.allowed_token_ids, torch.long, device)
+    return seq.allowed_ids_tensor
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -65,6 +65,7 @@ class Sequence:
     num_preemptions: int = 0
     in_flight: int = 0  # steps holding this sequence whose results have not come back
     prompt_ids_tensor: torch.Tensor | None = None  # the sampler's copy of the prompt ids on the logits' device
+    allowed_ids_tensor: torch.Tensor | None = None  # ... and of params.allowed_token_ids
     grammar: Any = None  # structured output: this sample's xgrammar matcher (engine/structured.py)
     prompt_logprobs_next: int = 1  # the next prompt position whose logprob is owed (the first token has none)
 
