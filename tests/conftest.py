@@ -24,6 +24,12 @@ SPECS = {
     "qwen2_vl_sharded": TinySpec(family="qwen2-vl", hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
                                  tie_word_embeddings=True, vision_depth=3, vision_hidden_size=48, vision_heads=3,
                                  num_hidden_layers=3, shards=2, seed=3),
+    # Qwen3-VL: head_dim apart from hidden/heads, q/k norm, interleaved M-RoPE, DeepStack into 2 and 3 layers,
+    # learned position grid, per-frame video timestamps; untied, and tied over shards
+    "qwen3_vl": TinySpec(family="qwen3-vl", head_dim=32, seed=8),
+    "qwen3_vl_sharded": TinySpec(family="qwen3-vl", hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
+                                 tie_word_embeddings=True, vision_depth=5, vision_hidden_size=48, vision_heads=3,
+                                 num_hidden_layers=3, deepstack_visual_indexes=(0, 2, 4), shards=2, seed=9),
 }
 # Quantized (`make-tiny --awq/--gptq`): the MLP width 96 is 3 groups of 32, which no even tensor-parallel size
 # splits (vlserve pads); GPTQ symmetric with tied embeddings beside it

@@ -1,4 +1,4 @@
-"""transformers' Qwen2.5-VL and Qwen2-VL, our correctness reference, and their inputs from the prompts we run."""
+"""transformers' Qwen2.5-VL, Qwen2-VL and Qwen3-VL, our correctness reference, and their inputs from the prompts we run."""
 
 import base64
 import io
@@ -11,6 +11,7 @@ from PIL import Image
 
 from media_samples import make_video_bytes
 from vlserve.engine.sampling_params import SamplingParams
+from vlserve.engine.sequence import MediaSpan
 from vlserve.media.item import MediaItem
 
 
@@ -37,13 +38,18 @@ def text(t):
 @dataclass
 class Prompt:
     token_ids: list[int]  # pads expanded
-    media: list[MediaItem]  # in prompt order
+    spans: list[MediaSpan]  # where the pads sit (a Qwen3-VL video: one span per frame)
+
+    @property
+    def media(self) -> list[MediaItem]:
+        """The items, in prompt order, each once."""
+        return list({id(span.item): span.item for span in self.spans}.values())
 
 
 def chat_prompt(processor, messages, **kwargs) -> Prompt:
     """The prompt the input processor makes of `messages` (what the engine runs), for the reference to run too."""
     req = processor.chat("reference", messages, SamplingParams(max_tokens=1), **kwargs)
-    return Prompt(req.prompt_token_ids, [span.item for span in req.media])
+    return Prompt(req.prompt_token_ids, req.media)
 
 
 def hf_inputs(prompt, cfg):

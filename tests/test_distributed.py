@@ -49,9 +49,11 @@ def results(llm):
 @pytest.mark.parametrize("fixture, tp, pp", [("tiny_ckpt", 2, 1), ("tiny_sharded_ckpt", 2, 1),
                                              ("tiny_ckpt", 1, 2), ("tiny_sharded_ckpt", 1, 3),
                                              ("tiny_sharded_ckpt", 2, 2), ("qwen2_vl_ckpt", 2, 1),
-                                             ("qwen2_vl_sharded_ckpt", 1, 2)])
+                                             ("qwen2_vl_sharded_ckpt", 1, 2), ("qwen3_vl_ckpt", 2, 1),
+                                             ("qwen3_vl_sharded_ckpt", 1, 2)])
 def test_parallel_equals_one_process(request, fixture, tp, pp, device):
-    """tiny_sharded has tied embeddings (the last stage loads the shared matrix) and 3 layers over 2 stages.
+    """tiny_sharded has tied embeddings (the last stage loads the shared matrix) and 3 layers over 2 stages;
+    qwen3_vl_sharded's third DeepStack feature goes to its layer 2, on the second stage.
     With VLSERVE_TEST_DEVICE=cuda: NCCL, one GPU per rank."""
     if device.startswith("cuda") and tp * pp > torch.cuda.device_count():
         pytest.skip(f"needs {tp * pp} GPUs, this machine has {torch.cuda.device_count()}")

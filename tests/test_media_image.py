@@ -5,6 +5,7 @@ import base64
 import io
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,6 @@ from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.inputs.media import fetch, preprocess
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.image import (
-    CLIP_MEAN,
-    CLIP_STD,
     normalize_patches,
     image_resize,
     open_image,
@@ -30,7 +29,7 @@ from vlserve.media.image import (
     process_image,
     smart_resize,
 )
-from vlserve.media.options import MediaOptions
+from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions
 from vlserve.media.template import MediaRef
 
 DEFAULTS = MediaOptions()
@@ -145,9 +144,23 @@ def test_custom_min_max_pixels_equal_transformers(width, height, min_pixels, max
     assert_same_as(process_image(image, options), image, reference(min_pixels, max_pixels))
 
 
+@pytest.mark.parametrize("width,height", [(640, 480), (333, 777), (32, 32)])
+def test_qwen3_vl_geometry_equals_transformers(width, height):
+    """Qwen3-VL's processor: patches of 16 (factor 32), mean and std 0.5, from the checkpoint's config."""
+    from vlserve.config import parse_config
+    from vlserve.model.tiny import TinySpec, tiny_config
+
+    vision = parse_config(tiny_config(TinySpec(family="qwen3-vl")), "tiny", Path("config.json")).vision
+    options = DEFAULTS.for_vision(vision)
+    hf3 = Qwen2VLImageProcessorPil(min_pixels=options.min_pixels, max_pixels=options.max_pixels, patch_size=16,
+                                   temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image = Image.fromarray(noise(width, height))
+    assert_same_as(process_image(image, options), image, hf3)
+
+
 def test_normalize_is_bit_exact_for_every_value_and_channel():
     values = np.tile(np.arange(256, dtype=np.uint8), 3)  # (C=3, 256) flattened, channel-major like patches
-    ours = normalize_patches(values.reshape(1, -1)).numpy().reshape(3, 16, 16)
+    ours = normalize_patches(values.reshape(1, -1), DEFAULTS).numpy().reshape(3, 16, 16)
     chw = values.reshape(3, 16, 16)
     ref = normalize(
         rescale(chw, 1 / 255, input_data_format=ChannelDimension.FIRST),

@@ -15,8 +15,8 @@ from vlserve.errors import MediaError, MediaTooLargeError
 from vlserve.inputs.media import fetch, preprocess
 from vlserve.media import video
 from vlserve.media.fetch import MediaPolicy
-from vlserve.media.image import CLIP_MEAN, CLIP_STD, process_image
-from vlserve.media.options import MediaOptions
+from vlserve.media.image import process_image
+from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions
 from vlserve.media.template import MediaRef
 from vlserve.media.video import (
     frame_indices,

@@ -1,5 +1,5 @@
-"""Our forward pass equals transformers' (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration) on
-the same checkpoint and inputs."""
+"""Our forward pass equals transformers' (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+Qwen3VLForConditionalGeneration) on the same checkpoint and inputs."""
 
 import pytest
 import torch
@@ -33,7 +33,8 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_sharded", "qwen2_vl", "qwen2_vl_sharded"])
+@pytest.fixture(scope="module", params=["tiny", "tiny_sharded", "qwen2_vl", "qwen2_vl_sharded", "qwen3_vl",
+                                        "qwen3_vl_sharded"])
 def models(request, device):
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
     cfg = ModelConfig.from_dir(ckpt)
@@ -47,7 +48,7 @@ def our_logits(model, prompts, cfg):
     ids, positions, embeds = [], [], []
     for prompt in prompts:
         ids += prompt.token_ids
-        positions.append(mrope_positions(prompt.token_ids, prompt.media, cfg)[0])
+        positions.append(mrope_positions(len(prompt.token_ids), prompt.spans, cfg)[0])
         embeds += model.encode_media(prompt.media)
     meta = AttentionMetadata.from_lengths([len(p.token_ids) for p in prompts])
     device = model.lm_head.weight.device
@@ -84,20 +85,23 @@ def test_batched_prompts_equal_one_at_a_time(models):
         assert (logits - alone).abs().max().item() <= 1e-5
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl_llm(qwen2_vl_ckpt, device):
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl_sharded"])
+def family_llm(request, device):
+    """The engine (LLM) and transformers on a Qwen2-VL and a Qwen3-VL checkpoint (Qwen2.5-VL's: test_engine.py)."""
     from vlserve import LLM
 
-    llm = LLM(str(qwen2_vl_ckpt), device=device, dtype="float32", max_model_len=2048, progress=False)
-    return llm, hf_model(qwen2_vl_ckpt, llm.core.model_config)
+    ckpt = request.getfixturevalue(f"{request.param}_ckpt")
+    llm = LLM(str(ckpt), device=device, dtype="float32", max_model_len=2048, progress=False)
+    yield llm, hf_model(ckpt, llm.core.model_config)
+    llm.shutdown()
 
 
 @pytest.mark.parametrize("case", ["text", "two_images", "image_and_video", "multi_turn"])
 @torch.no_grad()
-def test_qwen2_vl_greedy_tokens_equal_generate(qwen2_vl_llm, case):
+def test_greedy_tokens_equal_generate(family_llm, case):
     from vlserve import SamplingParams
 
-    llm, hf = qwen2_vl_llm
+    llm, hf = family_llm
     out = llm.chat([CASES[case]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     prompt = chat_prompt(llm.inputs, CASES[case])
     expected = hf.generate(**hf_inputs(prompt, llm.core.model_config), max_new_tokens=8, do_sample=False)

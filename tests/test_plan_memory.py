@@ -23,7 +23,7 @@ from vlserve.media.options import MediaOptions
 from vlserve.model.layers.attention import Attention
 from vlserve.model.loader import default_dtype
 from vlserve.model.qwen2_5_vl import Qwen2_5_VLForCausalLM
-from vlserve.plan.layouts import layout_config, qwen2_vl_config
+from vlserve.plan.layouts import layout_config, qwen2_vl_config, qwen3_vl_config
 from vlserve.engine.sampler import sample_worst_case
 from vlserve.plan.memory import Weights, image_patches, kv_bytes_per_block, sampler_peak, stages
 
@@ -45,10 +45,13 @@ def rank_model(cfg, tp: int, rank: int, pp: int, stage: int, mode: str):
     ("Qwen2-VL-2B", 2, 2, "weights"), ("Qwen2-VL-72B", 8, 2, "weights"),  # LayerNorms, fc1/fc2 split
     ("72B-AWQ", 4, 2, "data"), ("72B-AWQ-29568", 2, 2, "data"), ("72B-AWQ-29568", 8, 1, "weights"),  # padded MLP
     ("7B-GPTQ", 2, 2, "data"), ("72B-GPTQ", 8, 1, "data"),
+    ("Qwen3-VL-4B", 2, 2, "weights"), ("Qwen3-VL-32B", 8, 2, "data"),  # q/k norms, DeepStack mergers, tied (4B)
 ])
 def test_weights_and_kv_per_rank_to_the_byte(size, tp, pp, mode):
     if size.startswith("Qwen2-VL"):
         raw = qwen2_vl_config(size.split("-")[-1])
+    elif size.startswith("Qwen3-VL"):
+        raw = qwen3_vl_config(size.split("-")[-1])
     elif size.startswith("72B-AWQ"):
         raw = layout_config("72B", awq=True, intermediate_size=29568 if size.endswith("29568") else None)
     elif size.endswith("-GPTQ"):
@@ -74,6 +77,28 @@ def test_7b_figures():
     stage = stages(cfg, 1)[0]
     assert Weights(cfg).rank_bytes(1, stage, False, 2) == 16_584_333_312
     assert kv_bytes_per_block(cfg, 1, 28, 16, 2) == 16 * 57_344
+
+
+def test_qwen3_vl_8b_figures():
+    """Qwen3-VL-8B: 8.77 B parameters (its model card's count); head_dim 128 with 8 KV heads over 36 layers."""
+    cfg = parse_config(qwen3_vl_config("8B"), "8B", Path("config.json"))
+    params = Weights(cfg).rank_bytes(1, stages(cfg, 1)[0], False, 2) // 2
+    assert round(params / 1e9, 2) == 8.77
+    assert kv_bytes_per_block(cfg, 1, 36, 16, 2) == 16 * 36 * 2 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize("name, arch, layers", [
+    ("Qwen/Qwen3-VL-8B-Instruct", "Qwen3VLForConditionalGeneration", 36),
+    ("qwen3-vl-2b-thinking", "Qwen3VLForConditionalGeneration", 28),
+    ("Qwen2-VL-72B-Instruct", "Qwen2VLForConditionalGeneration", 80),
+    ("Qwen2.5-VL-3B-Instruct-AWQ", "Qwen2_5_VLForConditionalGeneration", 36),
+])
+def test_public_layouts_by_name(name, arch, layers):
+    from vlserve.plan.layouts import known_layout
+
+    cfg = known_layout(name)
+    assert (cfg.architecture, cfg.num_hidden_layers) == (arch, layers)
+    assert known_layout("Qwen3-VL-7B-Instruct") is None  # no such size
 
 
 def test_largest_image_is_what_the_profile_encodes():

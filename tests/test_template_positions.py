@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor
+from transformers import (
+    Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor, Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from hf_reference import chat_prompt
@@ -27,6 +29,7 @@ from vlserve.inputs import InputProcessor
 from vlserve.errors import ConfigError, InvalidRequestError, MediaError
 from vlserve.media.item import MediaItem
 from vlserve.media.positions import mrope_positions
+from vlserve.media.video import frame_indices
 from vlserve.media.template import (
     Rendering, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
 )
@@ -59,26 +62,36 @@ def text_cfg(tmp_path_factory):
 
 
 class _StandInVideoProcessor:
-    """Reports our decoded video's grid and sampled fps (transformers' own video processor needs torchvision)."""
+    """Reports our decoded video's grid and sampled fps, or the `metadata` given (Qwen3-VL's: the sampled frames
+    and the video's fps); transformers' own video processor needs torchvision."""
     merge_size = 2
     temporal_patch_size = 2
 
-    def __init__(self, items: list[MediaItem]):
-        self.items = items
+    def __init__(self, items: list[MediaItem], metadata: SimpleNamespace | None = None):
+        self.items, self.metadata = items, metadata
 
     def __call__(self, videos, **kwargs):
         return {
             "pixel_values_videos": torch.cat([item.pixel_values for item in self.items]),
             "video_grid_thw": torch.tensor([item.grid_thw for item in self.items]),
-            "video_metadata": [SimpleNamespace(sampled_fps=2 / item.second_per_grid_t) for item in self.items],
+            "video_metadata": [self.metadata or SimpleNamespace(sampled_fps=2 / item.second_per_grid_t)
+                               for item in self.items],
         }
 
 
-class _Processor(Qwen2_5_VLProcessor):
+class _VideoStandInAllowed:
     def check_argument_for_proper_class(self, name, argument):
         # BaseVideoProcessor cannot be imported without torchvision, so the stand-in cannot be type-checked.
         if name != "video_processor":
             return super().check_argument_for_proper_class(name, argument)
+
+
+class _Processor(_VideoStandInAllowed, Qwen2_5_VLProcessor):
+    pass
+
+
+class _Qwen3Processor(_VideoStandInAllowed, Qwen3VLProcessor):
+    pass
 
 
 def reference_processor(tiny_ckpt, tokenizer, videos: list[MediaItem]) -> Qwen2_5_VLProcessor:
@@ -174,10 +187,36 @@ def test_prompt_matches_transformers_processor(tiny_ckpt, tokenizer, cfg, hf_mod
     if video:
         assert videos[0].grid_thw[0] == 2 and videos[0].second_per_grid_t == 1.0  # 2 s at 2 fps: 4 frames
     # The whole chain: the processor's own token types and grids into transformers' get_rope_index.
-    positions, delta = mrope_positions(prompt.token_ids, media, cfg)
+    positions, delta = mrope_positions(len(prompt.token_ids), prompt.spans, cfg)
     ref_positions, ref_delta = hf_model.get_rope_index(
         expected["input_ids"], expected["mm_token_type_ids"], expected.get("image_grid_thw"),
         expected.get("video_grid_thw"), expected.get("second_per_grid_ts"))
+    assert torch.equal(positions, ref_positions[:, 0]) and delta == int(ref_delta)
+
+
+def test_qwen3_vl_video_prompt_and_positions_match_transformers(qwen3_vl_ckpt):
+    """Qwen3-VL writes each temporal patch of a video as "<t seconds>" and its own vision start, pads and end, the
+    time the mean of the patch's two sampled frames; each such run has its own M-RoPE grid at temporal 0."""
+    ours = InputProcessor.for_model(EngineConfig(model=str(qwen3_vl_ckpt)))
+    video = make_video_bytes(112, 84, frames=8, fps=4)  # 4 frames sampled at 2 fps: indices 0, 2, 5, 7
+    prompt = chat_prompt(ours, [user(text("Look:"), {"type": "video_url", "video_url": {"url": data_url(
+        video, "video/mp4")}}, text("What moves?"))])
+    (item,) = prompt.media
+    stand_in = _StandInVideoProcessor([item], SimpleNamespace(fps=4.0, frames_indices=frame_indices(8, 4)))
+    reference = _Qwen3Processor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(qwen3_vl_ckpt),
+                                tokenizer=ours.tokenizer, video_processor=stand_in,
+                                chat_template=ours.tokenizer.chat_template)
+    ref_text = reference.apply_chat_template([user(text("Look:"), {"type": "video", "video": "v.mp4"},
+                                                   text("What moves?"))], tokenize=False, add_generation_prompt=True)
+    expected = reference(text=[ref_text], videos=[np.zeros((4, 84, 112, 3), np.uint8)], return_tensors="pt")
+    assert prompt.token_ids == expected["input_ids"][0].tolist()
+    assert ours.tokenizer.decode(prompt.token_ids).count(" seconds><|vision_start|><|video_pad|>") == 2
+    cfg = ours.model_config
+    positions, delta = mrope_positions(len(prompt.token_ids), prompt.spans, cfg)
+    with torch.device("meta"):
+        model = Qwen3VLModel(Qwen3VLConfig.from_pretrained(qwen3_vl_ckpt))
+    ref_positions, ref_delta = model.get_rope_index(expected["input_ids"], expected["mm_token_type_ids"],
+                                                    video_grid_thw=expected["video_grid_thw"])
     assert torch.equal(positions, ref_positions[:, 0]) and delta == int(ref_delta)
 
 
@@ -226,10 +265,11 @@ def hf_rope_index(model, token_ids: list[int], media: list[MediaItem]):
     return position_ids[:, 0], int(delta)
 
 
-def media_prompt(tokenizer, cfg, media: list[MediaItem]) -> list[int]:
+def media_prompt(tokenizer, cfg, media: list[MediaItem]) -> tuple[list[int], list]:
+    """The expanded token ids of a chat showing `media`, and the spans of its pads."""
     parts = [{"type": m.modality, m.modality: "unused"} for m in media]
     chat, _ = parse_messages([user(*parts, text("Describe what you see."))], cfg)
-    return expand_media_tokens(render_chat(tokenizer, cfg, chat), media, cfg)[0]
+    return expand_media_tokens(render_chat(tokenizer, cfg, chat), media, cfg, tokenizer)
 
 
 POSITION_CASES = {
@@ -245,8 +285,8 @@ POSITION_CASES = {
 @pytest.mark.parametrize("name", list(POSITION_CASES))
 def test_positions_match_transformers(hf_model, tokenizer, cfg, name):
     media = POSITION_CASES[name]
-    token_ids = media_prompt(tokenizer, cfg, media)
-    positions, delta = mrope_positions(token_ids, media, cfg)
+    token_ids, spans = media_prompt(tokenizer, cfg, media)
+    positions, delta = mrope_positions(len(token_ids), spans, cfg)
     expected, expected_delta = hf_rope_index(hf_model, token_ids, media)
     assert positions.dtype == torch.int64 and positions.shape == (3, len(token_ids))
     assert torch.equal(positions, expected)
@@ -255,8 +295,8 @@ def test_positions_match_transformers(hf_model, tokenizer, cfg, name):
 
 def test_positions_layout_of_one_image(tokenizer, cfg):
     media = [fake_item("image", (1, 4, 6))]  # 2 x 3 merged tokens
-    token_ids = media_prompt(tokenizer, cfg, media)
-    positions, delta = mrope_positions(token_ids, media, cfg)
+    token_ids, spans = media_prompt(tokenizer, cfg, media)
+    positions, delta = mrope_positions(len(token_ids), spans, cfg)
     start = token_ids.index(IMAGE_PAD)
     assert positions[:, start:start + 6].tolist() == [[start] * 6, [start] * 3 + [start + 1] * 3,
                                                       [start, start + 1, start + 2] * 2]
@@ -269,8 +309,8 @@ def test_positions_layout_of_one_image(tokenizer, cfg):
 
 def test_long_video_text_restarts_after_the_largest_position(hf_model, tokenizer, cfg):
     media = [fake_item("video", (8, 4, 4))]  # t positions 0, 2, ..., 14 exceed the 2 x 2 merged grid
-    token_ids = media_prompt(tokenizer, cfg, media)
-    positions, delta = mrope_positions(token_ids, media, cfg)
+    token_ids, spans = media_prompt(tokenizer, cfg, media)
+    positions, delta = mrope_positions(len(token_ids), spans, cfg)
     start = token_ids.index(VIDEO_PAD)
     end = start + media[0].num_tokens
     assert positions[0, start:end].unique().tolist() == [start + 2 * t for t in range(8)]
@@ -383,11 +423,6 @@ def test_chat_template_from_processor_file_and_missing(tiny_ckpt, cfg, tmp_path)
     (folder / "chat_template.json").unlink()
     with pytest.raises(InvalidRequestError, match="has no chat template"):
         render_chat(load_tokenizer(folder), cfg, chat)
-
-
-def test_positions_require_expanded_pads(cfg):
-    with pytest.raises(ValueError, match="expand the pads"):
-        mrope_positions([1, IMAGE_PAD, 2], [fake_item("image", (1, 4, 4))], cfg)
 
 
 def test_patch_geometry_comes_from_the_checkpoint(tiny_ckpt, tmp_path):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 import transformers
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
@@ -40,6 +41,20 @@ def test_cli_options_seed_and_shards(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()  # same seed, same bytes
 
 
+def test_qwen3_vl_family_options(tmp_path):
+    """Qwen3-VL's layout: nested text_config with head_dim, DeepStack blocks, checkpoint names under model.*."""
+    assert main(["make-tiny", str(tmp_path), "--family", "qwen3-vl", "--head-dim", "32", "--vision-depth", "5",
+                 "--deepstack-blocks", "0,4"]) == 0
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["text_config"]["head_dim"] == 32 and raw["vision_config"]["deepstack_visual_indexes"] == [0, 4]
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert (cfg.head_dim, cfg.qk_norm, cfg.attention_bias, cfg.mrope_interleaved) == (32, True, False, True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.language_model.layers.0.self_attn.q_norm.weight" in names
+    assert "model.visual.deepstack_merger_list.1.linear_fc2.bias" in names and "model.visual.pos_embed.weight" in names
+
+
 def test_text_only_checkpoint(tmp_path):
     assert main(["make-tiny", str(tmp_path), "--text-only"]) == 0
     model = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -50,6 +65,8 @@ def test_text_only_checkpoint(tmp_path):
     (["--heads", "4", "--kv-heads", "3"], "--kv-heads"),
     (["--fullatt-blocks", "1,x"], "--fullatt-blocks"),
     (["--fullatt-blocks", "9"], "fullatt_block_indexes"),
+    (["--family", "qwen3-vl", "--deepstack-blocks", "0,9"], "deepstack_visual_indexes"),
+    (["--family", "qwen3-vl", "--deepstack-blocks", "0,1,2"], "as many language-model layers"),
 ])
 def test_cli_bad_options(tmp_path, capsys, args, message):
     assert main(["make-tiny", str(tmp_path), *args]) == 2

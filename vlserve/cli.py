@@ -8,8 +8,10 @@ from vlserve.errors import ConfigError, VLServeError
 
 
 def add_make_tiny(sub) -> None:
-    p = sub.add_parser("make-tiny", help="write a small random-weight Qwen2.5-VL (or Qwen2-VL) checkpoint (Hugging "
-                       "Face format)")
+    from vlserve.config import FAMILIES
+
+    p = sub.add_parser("make-tiny", help="write a small random-weight Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) checkpoint "
+                       "(Hugging Face format)")
     p.add_argument("dir", help="output folder")
     p.add_argument("--hidden-size", type=int, default=64, help="language model width")
     p.add_argument("--intermediate-size", type=int, default=128, help="language model MLP width")
@@ -23,8 +25,12 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--vision-intermediate-size", type=int, default=96, help="vision MLP width")
     p.add_argument("--fullatt-blocks", default="1,3", help="comma-separated indexes of full-attention vision blocks")
     p.add_argument("--text-only", action="store_true", help="a plain Qwen2ForCausalLM checkpoint")
-    p.add_argument("--family", choices=("qwen2.5-vl", "qwen2-vl"), default="qwen2.5-vl",
+    p.add_argument("--family", choices=tuple(FAMILIES), default="qwen2.5-vl",
                    help="the model family whose layout the checkpoint has")
+    p.add_argument("--head-dim", type=int, default=0,
+                   help="qwen3-vl: attention head width apart from hidden-size / heads (0: that quotient)")
+    p.add_argument("--deepstack-blocks", default="1,2",
+                   help="qwen3-vl: comma-separated vision blocks whose features feed the first language-model layers")
     p.add_argument("--awq", type=int, default=0, metavar="GROUP",
                    help="quantize the language model's linear layers to AWQ 4-bit (AutoAWQ's GEMM format) with groups "
                    "of GROUP inputs, by round to nearest")
@@ -42,10 +48,13 @@ def run_make_tiny(args) -> None:
     from vlserve.errors import ConfigError
     from vlserve.model.tiny import TinySpec, make_tiny
 
-    try:
-        blocks = tuple(int(i) for i in args.fullatt_blocks.split(",") if i.strip())
-    except ValueError:
-        raise ConfigError(f"--fullatt-blocks {args.fullatt_blocks!r} must be comma-separated integers") from None
+    def indexes(flag: str, value: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in value.split(",") if i.strip())
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r} must be comma-separated integers") from None
+
+    blocks = indexes("--fullatt-blocks", args.fullatt_blocks)
     spec = TinySpec(
         hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -53,7 +62,8 @@ def run_make_tiny(args) -> None:
         vision_hidden_size=args.vision_hidden_size, vision_heads=args.vision_heads,
         vision_intermediate_size=args.vision_intermediate_size, fullatt_block_indexes=blocks,
         text_only=args.text_only, shards=args.shards, seed=args.seed, dtype=args.dtype, family=args.family,
-        awq_group=args.awq, gptq_group=args.gptq, gptq_sym=args.gptq_sym,
+        awq_group=args.awq, gptq_group=args.gptq, gptq_sym=args.gptq_sym, head_dim=args.head_dim,
+        deepstack_visual_indexes=indexes("--deepstack-blocks", args.deepstack_blocks),
     )
     out = make_tiny(args.dir, spec)
     print(f"wrote a random-weight tiny checkpoint to {out}")

@@ -4,6 +4,7 @@ Config flows one way: `ModelConfig.from_dir` reads `config.json` once; everythin
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -12,11 +13,17 @@ from typing import Any
 
 from vlserve.errors import ConfigError
 from vlserve.media.fetch import MediaPolicy
-from vlserve.media.options import MediaOptions
+from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions
 
-# The architecture picks the vision tower's parts and the video position rule (_parse_vision); the language model
-# is Qwen2's for all of them
-VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+# The model registry: the architecture picks the vision tower's parts and the video rules (VISION_PARSERS) and the
+# language model's (TEXT_FEATURES); one model class (qwen2_5_vl.py) builds all of them from the flags
+VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                    "Qwen3VLForConditionalGeneration")
+QWEN3_VL = "Qwen3VLForConditionalGeneration"
+# make-tiny's --family -> (architecture, model_type, processor class)
+FAMILIES = {"qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2_5_VLProcessor"),
+            "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLProcessor"),
+            "qwen3-vl": (QWEN3_VL, "qwen3_vl", "Qwen3VLProcessor")}
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
 DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 VISION_TP_MODES = ("data", "weights")  # --mm-encoder-tp-mode
@@ -40,12 +47,25 @@ class VisionConfig:
     tokens_per_second: float = 2.0
     hidden_act: str = "silu"
     norm: str = "rms"  # "rms" (Qwen2.5-VL) | "layer" (LayerNorm with bias, Qwen2-VL)
-    mlp: str = "gated"  # "gated" (gate/up/down, SiLU) | "fc" (fc1, hidden_act, fc2: Qwen2-VL)
+    mlp: str = "gated"  # "gated" (gate/up/down, SiLU) | "fc" (fc1, hidden_act, fc2: Qwen2-VL) | "linear_fc" (Qwen3-VL)
     absolute_time: bool = True  # video frames' temporal positions in seconds (Qwen2.5-VL) or frame indexes
+    # Qwen3-VL: each video frame its own run of pads after a "<1.5 seconds>" text timestamp (all at temporal 0)
+    timestamps: bool = False
+    merger: str = "mlp"  # "mlp" (merger.ln_q, merger.mlp.0/2) | "linear" (merger.norm, linear_fc1/2: Qwen3-VL)
+    patch_bias: bool = False  # the patch embedding's Conv3d has a bias (Qwen3-VL)
+    num_position_embeddings: int | None = None  # a learned square grid of positions, resampled per image (Qwen3-VL)
+    deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose features feed the first LM layers (Qwen3-VL)
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # the family's processor's normalization
+    image_std: tuple[float, float, float] = CLIP_STD
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def embed_width(self) -> int:
+        """Columns of one media token's embedding: the merger's output, then one per DeepStack merger."""
+        return self.out_hidden_size * (1 + len(self.deepstack_visual_indexes))
 
     @property
     def patch_dim(self) -> int:
@@ -75,10 +95,14 @@ class ModelConfig:
     vision_end_token_id: int = 151653
     quantization: dict | None = None
     random_weights: bool = False  # written by `vlserve make-tiny` (RANDOM_WEIGHTS_KEY): its answers are noise
+    head_size: int | None = None  # config.json's head_dim where it is not hidden_size / heads (Qwen3-VL)
+    attention_bias: bool = True  # q/k/v projections with bias (Qwen2's; Qwen3's have none)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotary (Qwen3)
+    mrope_interleaved: bool = False  # M-RoPE pairs cycle t, h, w (Qwen3-VL) instead of three contiguous sections
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_size or self.hidden_size // self.num_attention_heads
 
     @property
     def is_multimodal(self) -> bool:
@@ -114,8 +138,10 @@ def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
     text = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
     field = _FieldReader(text, file)
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    head_dim = field.int("hidden_size") // max(field.int("num_attention_heads"), 1)
+    head_size = field.int("head_dim") if "head_dim" in text else None
+    head_dim = head_size or field.int("hidden_size") // max(field.int("num_attention_heads"), 1)
     mrope = tuple(rope.get("mrope_section") or _default_mrope_section(head_dim))
+    qwen3 = arch == QWEN3_VL
     cfg = ModelConfig(
         path=path,
         architecture=arch,
@@ -138,6 +164,10 @@ def parse_config(raw: dict, path: str, file: Path) -> ModelConfig:
         vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
         quantization=raw.get("quantization_config"),
         random_weights=raw.get(RANDOM_WEIGHTS_KEY) is True,
+        head_size=head_size,
+        attention_bias=bool(text.get("attention_bias", not qwen3)),
+        qk_norm=qwen3,
+        mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
     )
     _check(cfg, file)
     return cfg
@@ -155,6 +185,8 @@ def _parse_vision(raw: Any, file: Path, arch: str) -> VisionConfig:
     field = _FieldReader(raw, file, prefix="vision_config.")
     if arch == "Qwen2VLForConditionalGeneration":
         return _parse_qwen2_vision(raw, field)
+    if arch == QWEN3_VL:
+        return _parse_qwen3_vision(raw, field)
     return VisionConfig(
         depth=field.int("depth"),
         hidden_size=field.int("hidden_size"),
@@ -186,6 +218,24 @@ def _parse_qwen2_vision(raw: dict, field: "_FieldReader") -> VisionConfig:
     )
 
 
+def _parse_qwen3_vision(raw: dict, field: "_FieldReader") -> VisionConfig:
+    """Qwen3-VL's tower: patches of 16 with a biased embedding plus learned positions, LayerNorms, a
+    linear_fc1/fc2 MLP (GELU tanh), whole-frame attention, DeepStack mergers; normalized to [-1, 1]."""
+    depth = field.int("depth")
+    return VisionConfig(
+        depth=depth, hidden_size=field.int("hidden_size"), intermediate_size=field.int("intermediate_size"),
+        num_heads=field.int("num_heads"), out_hidden_size=field.int("out_hidden_size"),
+        fullatt_block_indexes=tuple(range(depth)), in_channels=field.int("in_channels", 3),
+        patch_size=field.int("patch_size", 16), temporal_patch_size=field.int("temporal_patch_size", 2),
+        spatial_merge_size=field.int("spatial_merge_size", 2), window_size=None,
+        hidden_act=str(raw.get("hidden_act", "gelu_pytorch_tanh")), norm="layer", mlp="linear_fc",
+        absolute_time=False, timestamps=True, merger="linear", patch_bias=True,
+        num_position_embeddings=field.int("num_position_embeddings"),
+        deepstack_visual_indexes=tuple(int(i) for i in raw.get("deepstack_visual_indexes", ())),
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+    )
+
+
 class _FieldReader:
     """Reads typed fields; a missing or wrong-typed field is an error naming the file and field."""
 
@@ -209,7 +259,7 @@ def _check(cfg: ModelConfig, file: Path) -> None:
     def fail(field: str, why: str):
         raise ConfigError(f"{file}: field '{field}' is inconsistent: {why}")
 
-    if cfg.hidden_size % cfg.num_attention_heads:
+    if cfg.head_size is None and cfg.hidden_size % cfg.num_attention_heads:
         fail("hidden_size", f"{cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         fail(
@@ -225,8 +275,16 @@ def _check(cfg: ModelConfig, file: Path) -> None:
         fail("vision_config.num_heads", f"hidden_size {v.hidden_size} / {v.num_heads} heads must be a multiple of 4")
     if v.out_hidden_size != cfg.hidden_size:
         fail("vision_config.out_hidden_size", f"{v.out_hidden_size} differs from hidden_size {cfg.hidden_size}")
-    if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
-        fail("vision_config.fullatt_block_indexes", f"{list(v.fullatt_block_indexes)} must lie in [0, {v.depth})")
+    for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+        indexes = getattr(v, name)
+        if any(not 0 <= i < v.depth for i in indexes):
+            fail(f"vision_config.{name}", f"{list(indexes)} must lie in [0, {v.depth})")
+    if len(v.deepstack_visual_indexes) > cfg.num_hidden_layers:
+        fail("vision_config.deepstack_visual_indexes", f"{len(v.deepstack_visual_indexes)} DeepStack features need "
+             f"as many language-model layers, the model has {cfg.num_hidden_layers}")
+    grid = v.num_position_embeddings
+    if grid is not None and math.isqrt(grid) ** 2 != grid:
+        fail("vision_config.num_position_embeddings", f"{v.num_position_embeddings} is not a square grid")
     unit = v.patch_size * v.spatial_merge_size
     if v.window_size is not None and v.window_size % unit:
         fail("vision_config.window_size", f"{v.window_size} is not a multiple of patch_size*spatial_merge_size {unit}")

@@ -372,7 +372,8 @@ class ModelRunner:
             lo, hi = max(start, span.start), min(end, span.end)
             if lo < hi:
                 rows += range(lo - start, hi - start)
-                parts.append(encoded[span.content_hash][lo - span.start:hi - span.start])
+                first = span.offset + lo - span.start
+                parts.append(encoded[span.content_hash][first:first + hi - lo])
         return rows, parts
 
     def encode_media(self, scheduled: list[ScheduledSeq]) -> dict[str, torch.Tensor]:

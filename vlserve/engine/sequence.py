@@ -20,11 +20,13 @@ class SequenceStatus(Enum):
 
 @dataclass
 class MediaSpan:
-    """Where one media item's pad tokens sit in the prompt."""
+    """Where a run of one media item's pad tokens sits in the prompt: the whole item, or (Qwen3-VL's videos) one
+    frame of it, its pads after the frame's timestamp text."""
 
     item: MediaItem
     start: int  # index of the first pad token
     end: int  # one past the last
+    offset: int = 0  # the item's embedding row of the first pad
 
     @property
     def content_hash(self) -> str:

@@ -26,6 +26,7 @@ from vlserve.media.options import grid_tokens
 from vlserve.media.positions import mrope_positions
 from vlserve.media.template import (
     MediaRef, Rendering, check_placeholders, expand_media_tokens, load_tokenizer, parse_messages, render_chat,
+    text_tokens_around,
 )
 
 MODALITIES = ("image", "video")
@@ -79,10 +80,11 @@ class InputProcessor:
         keep = self.kept_tokens(params)
         text_tokens = min(checks.min_text_tokens(text_chars, self.token_chars), keep or max_len)
         checks.check_length(text_tokens + len(refs), params.max_tokens, max_len, exact=False)
-        sources, media_tokens = [], 0
+        sources, media_tokens, cfg = [], 0, self.model_config
         for ref, opts in zip(refs, options):  # each item's bytes, then its size: refused at the first too many
             sources.append(self.located(fetch, ref, ref, self.config.media_policy, opts))
-            media_tokens += grid_tokens(self.located(probe, ref, sources[-1]), self.media.merge_size)
+            grid = self.located(probe, ref, sources[-1])
+            media_tokens += grid_tokens(grid, self.media.merge_size) + text_tokens_around(ref.modality, grid, cfg)
             checks.check_length(text_tokens + media_tokens, params.max_tokens, max_len, exact=False)
         ids = tokenize()
         if keep is not None and len(ids) > keep:
@@ -95,9 +97,6 @@ class InputProcessor:
         check_placeholders(ids, [ref.modality for ref in refs], self.model_config)
         self.check_prompt(len(ids) - len(refs) + media_tokens, params)
         items = [self.located(preprocess, src.ref, src) for src in sources]
-        decoded_tokens = sum(item.num_tokens for item in items)
-        if decoded_tokens != media_tokens:  # a video whose container miscounted its frames
-            self.check_prompt(len(ids) - len(refs) + decoded_tokens, params)
         return self.engine_request(request_id, ids, items, params)
 
     def kept_tokens(self, params: SamplingParams) -> int | None:
@@ -129,8 +128,10 @@ class InputProcessor:
 
     def engine_request(self, request_id: str, ids: list[int], items: list[MediaItem],
                        params: SamplingParams) -> EngineRequest:
-        expanded, spans = expand_media_tokens(ids, items, self.model_config)
-        positions, delta = mrope_positions(expanded, items, self.model_config) if items else (None, 0)
+        expanded, spans = expand_media_tokens(ids, items, self.model_config, self.tokenizer)
+        if items:  # exact now: a video whose container miscounted its frames, Qwen3-VL's timestamps
+            self.check_prompt(len(expanded), params)
+        positions, delta = mrope_positions(len(expanded), spans, self.model_config) if items else (None, 0)
         return EngineRequest(request_id, expanded, params, self.max_tokens(len(expanded), params), spans,
                              positions, delta)
 

@@ -28,12 +28,8 @@ from vlserve.media.fetch import content_hash
 from vlserve.media.item import MediaItem
 from vlserve.media.options import MediaOptions
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # the Pillow decoders clients may use (JPEG covers MPO)
 
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1)
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1)
 
 
 def smart_resize(
@@ -158,14 +154,16 @@ def patchify(frames: np.ndarray, options: MediaOptions) -> tuple[np.ndarray, tup
     return x.reshape(gt * gh * gw, c * temporal_patch * patch * patch), (gt, gh, gw)
 
 
-def normalize_patches(patches: np.ndarray) -> torch.Tensor:
-    """uint8 RGB patches from `patchify` -> float32 (x / 255 - mean) / std, bit-equal to transformers.
+def normalize_patches(patches: np.ndarray, options: MediaOptions) -> torch.Tensor:
+    """uint8 RGB patches from `patchify` -> float32 (x / 255 - mean) / std (the options' image_mean, image_std),
+    bit-equal to transformers.
 
     Bit-equal because x / 255 in float32 equals transformers' float64 x * (1/255) cast to float32 for all 256
     values, and mean/std are applied with the same float32 subtract and divide (tests check all 3 x 256 cases).
     """
     x = torch.from_numpy(patches).view(len(patches), 3, -1).float()
-    x.div_(255).sub_(_MEAN).div_(_STD)
+    mean = torch.tensor(options.image_mean, dtype=torch.float32).view(3, 1)
+    x.div_(255).sub_(mean).div_(torch.tensor(options.image_std, dtype=torch.float32).view(3, 1))
     return x.view(len(patches), -1)
 
 
@@ -184,4 +182,4 @@ def process_image(image: Image.Image | bytes, options: MediaOptions, source_hash
     frames = np.broadcast_to(frame, (options.temporal_patch_size, *frame.shape))  # an image is one frame, repeated
     patches, grid_thw = patchify(frames, options)
     item_hash = content_hash("image", source_hash, f"{height}x{width}")
-    return MediaItem("image", normalize_patches(patches), grid_thw, item_hash, merge_size=options.merge_size)
+    return MediaItem("image", normalize_patches(patches, options), grid_thw, item_hash, merge_size=options.merge_size)

@@ -15,6 +15,7 @@ class MediaItem:
     grid_thw: tuple[int, int, int]
     content_hash: str  # stable hex digest of the source and the preprocessing that shaped it
     second_per_grid_t: float = 1.0  # seconds covered by one temporal grid step (videos)
+    frame_seconds: tuple[float, ...] = ()  # videos: each temporal grid step's time in the video (its frames' mean)
     merge_size: int = field(kw_only=True)  # merge_size x merge_size patches make one token (the checkpoint's)
 
     @property

@@ -21,7 +21,8 @@ from typing import Any
 from vlserve.errors import MediaError
 
 SERVER_LIMITS = ("max_source_pixels", "max_aspect_ratio")  # guards a request must not loosen
-CHECKPOINT_FIELDS = ("patch_size", "temporal_patch_size", "merge_size")  # the vision tower's, from config.json
+# the vision tower's, from config.json (the normalization: the family's processor's)
+CHECKPOINT_FIELDS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 # per-request key -> the server option its value may not exceed (`tightened`)
 CEILINGS = {
     "min_pixels": "max_pixels",
@@ -33,6 +34,10 @@ CEILINGS = {
     "max_frames": "max_frames",
     "fps": "fps",
 }
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's and Qwen2.5-VL's normalization (Qwen3-VL: 0.5, 0.5)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
@@ -60,6 +65,8 @@ class MediaOptions:
     patch_size: int = 14  # pixels per patch side
     temporal_patch_size: int = 2  # frames per patch (an image is its frame repeated)
     merge_size: int = 2  # merge_size x merge_size patches become one language-model token
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # pixels in [0, 1] minus this,
+    image_std: tuple[float, float, float] = CLIP_STD  # divided by this
 
     @property
     def factor(self) -> int:
@@ -75,7 +82,7 @@ class MediaOptions:
     def for_vision(self, vision) -> "MediaOptions":
         """These options with the patch geometry of `vision` (a config.VisionConfig, read from the checkpoint)."""
         return replace(self, patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                       merge_size=vision.spatial_merge_size)
+                       merge_size=vision.spatial_merge_size, image_mean=vision.image_mean, image_std=vision.image_std)
 
     def updated(self, overrides: dict[str, Any] | None) -> "MediaOptions":
         """The server's own settings: apply `mm_processor_kwargs` from a flag; unknown keys and bad values are

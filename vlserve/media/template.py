@@ -139,20 +139,77 @@ def check_placeholders(token_ids: list[int], modalities: list[str], cfg: ModelCo
             f"the order {given[:8]}; put exactly one placeholder per item, in order, and none inside text")
 
 
-def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: ModelConfig
+def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: ModelConfig,
+                        tokenizer: transformers.PreTrainedTokenizerBase | None = None
                         ) -> tuple[list[int], list[MediaSpan]]:
     """Repeat each placeholder pad item.num_tokens times (as Qwen2_5_VLProcessor does); returns the ids and where
-    each item's run of pads sits. The placeholders must have passed check_placeholders."""
+    each item's runs of pads sit. The placeholders must have passed check_placeholders.
+
+    Qwen3-VL's videos (`VisionConfig.timestamps`) become, as its processor writes them, one run per temporal patch:
+    `<1.5 seconds><|vision_start|>` pads `<|vision_end|>` for each, in place of the placeholder's own
+    `<|vision_start|>` ... `<|vision_end|>` (the timestamp tokenized alone, as vLLM does; `tokenizer` needed)."""
     pads = {cfg.image_token_id, cfg.video_token_id} if cfg.is_multimodal else set()
-    items, expanded, spans = iter(media), [], []
+    items, expanded, spans, skip = iter(media), [], [], None
     for t in token_ids:
-        if t in pads:
-            item = next(items)
-            spans.append(MediaSpan(item, len(expanded), len(expanded) + item.num_tokens))
-            expanded.extend([t] * item.num_tokens)
-        else:
+        if t == skip:  # the placeholder's <|vision_end|>, written per frame instead
+            skip = None
+            continue
+        skip = None
+        if t not in pads:
             expanded.append(t)
+            continue
+        item = next(items)
+        if item.modality == "video" and cfg.vision.timestamps:
+            if expanded and expanded[-1] == cfg.vision_start_token_id:
+                expanded.pop()
+            spans += _timestamped_frames(item, expanded, cfg, tokenizer)
+            skip = cfg.vision_end_token_id
+            continue
+        spans.append(MediaSpan(item, len(expanded), len(expanded) + item.num_tokens))
+        expanded.extend([t] * item.num_tokens)
     return expanded, spans
+
+
+TIMESTAMP = "<{:.1f} seconds>"  # Qwen3-VL's text before each temporal patch of a video
+# "<", "0", ".", "5", " seconds", ">" (each digit a token), less one: the first "<" may join the text before it
+TIMESTAMP_MIN_TOKENS = 5
+
+
+def _timestamped_frames(item: MediaItem, expanded: list[int], cfg: ModelConfig,
+                        tokenizer: transformers.PreTrainedTokenizerBase) -> list[MediaSpan]:
+    """Appends each temporal patch's timestamp, <|vision_start|>, pads and <|vision_end|> to `expanded`."""
+    per_frame, spans = item.num_tokens // item.grid_thw[0], []
+    for frame, seconds in enumerate(item.frame_seconds):
+        if frame == 0:
+            _append_text(expanded, TIMESTAMP.format(seconds), tokenizer)
+        else:  # after <|vision_end|>, a special token: tokenized alone
+            expanded += tokenizer(TIMESTAMP.format(seconds), add_special_tokens=False)["input_ids"]
+        expanded.append(cfg.vision_start_token_id)
+        spans.append(MediaSpan(item, len(expanded), len(expanded) + per_frame, offset=frame * per_frame))
+        expanded += [cfg.video_token_id] * per_frame
+        expanded.append(cfg.vision_end_token_id)
+    return spans
+
+
+def _append_text(ids: list[int], text: str, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """`text` appended as transformers' processor writes it into the prompt's text: tokenized together with the
+    text since the last special token (":" then "<" is one token, ":<"), when those tokens are that text's own
+    tokens (a chat's always are; a token-id prompt's may not be, and then keeps its tokens)."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    start = next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] in special), 0)
+    before = tokenizer.decode(ids[start:], clean_up_tokenization_spaces=False)
+    if tokenizer(before, add_special_tokens=False)["input_ids"] == ids[start:]:
+        ids[start:] = tokenizer(before + text, add_special_tokens=False)["input_ids"]
+    else:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def text_tokens_around(modality: str, grid_thw: tuple[int, int, int], cfg: ModelConfig) -> int:
+    """At least how many text tokens expand_media_tokens adds around an item's pads: Qwen3-VL's video timestamps
+    and per-frame <|vision_start|> / <|vision_end|> (less the placeholder's pair), else none."""
+    if modality != "video" or not cfg.vision.timestamps:
+        return 0
+    return grid_thw[0] * (TIMESTAMP_MIN_TOKENS + 2) - 2
 
 
 def parse_messages(messages: Any, cfg: ModelConfig) -> tuple[list[dict], list[MediaRef]]:

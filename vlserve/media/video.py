@@ -99,12 +99,19 @@ def process_video(data: bytes, options: MediaOptions, source_hash: str | None = 
     digest = content_hash("video", source_hash or content_hash(data), str(sampled.indices), f"{height}x{width}")
     return MediaItem(
         modality="video",
-        pixel_values=normalize_patches(patches),
+        pixel_values=normalize_patches(patches, options),
         grid_thw=grid_thw,
         content_hash=digest,
         second_per_grid_t=options.temporal_patch_size / sample_fps,
+        frame_seconds=frame_seconds(sampled.indices, video_fps, options.temporal_patch_size),
         merge_size=options.merge_size,
     )
+
+
+def frame_seconds(indices: list[int], video_fps: float, temporal_patch: int) -> tuple[float, ...]:
+    """Each temporal patch's time: the mean of its first and last frame's (Qwen3-VL's prompt timestamps)."""
+    seconds = [i / video_fps for i in indices]
+    return tuple((seconds[i] + seconds[i + temporal_patch - 1]) / 2 for i in range(0, len(seconds), temporal_patch))
 
 
 @dataclass

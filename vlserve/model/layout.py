@@ -1,10 +1,13 @@
-"""Names and shapes of the tensors in a Hugging Face Qwen2.5-VL, Qwen2-VL (or Qwen2) checkpoint, from the config
-alone.
+"""Names and shapes of the tensors in a Hugging Face Qwen2.5-VL, Qwen2-VL, Qwen3-VL (or Qwen2) checkpoint, from the
+config alone, named as the model's parameters are (`hub_name` gives the checkpoint's own name).
 
 make-tiny writes these, and the planner sizes weights from them without reading any file.
 """
 
-from vlserve.config import ModelConfig, VisionConfig
+from vlserve.config import QWEN3_VL, ModelConfig, VisionConfig
+
+# Qwen3-VL's checkpoints nest the parts (the loader's PREFIX_ALIASES map them back)
+NESTED_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."))
 
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -19,30 +22,44 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def hub_name(name: str, cfg: ModelConfig) -> str:
+    """The name `name` (of checkpoint_shapes) has in the family's published checkpoints."""
+    if cfg.architecture != QWEN3_VL:
+        return name
+    return next((new + name[len(old):] for old, new in NESTED_PREFIXES if name.startswith(old)), name)
+
+
 def _decoder_layer(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    return {
-        p + "self_attn.q_proj.weight": (h, h),
-        p + "self_attn.q_proj.bias": (h,),
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {
+        p + "self_attn.q_proj.weight": (q, h),
         p + "self_attn.k_proj.weight": (kv, h),
-        p + "self_attn.k_proj.bias": (kv,),
         p + "self_attn.v_proj.weight": (kv, h),
-        p + "self_attn.v_proj.bias": (kv,),
-        p + "self_attn.o_proj.weight": (h, h),
+        p + "self_attn.o_proj.weight": (h, q),
         p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
         p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
         p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
         p + "input_layernorm.weight": (h,),
         p + "post_attention_layernorm.weight": (h,),
     }
+    if cfg.attention_bias:
+        shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)})
+    if cfg.qk_norm:
+        shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,), p + "self_attn.k_norm.weight": (cfg.head_dim,)})
+    return shapes
 
 
 def _vision(v: VisionConfig) -> dict[str, tuple[int, ...]]:
     d, m = v.hidden_size, v.intermediate_size
-    merged = d * v.spatial_merge_size**2
     shapes = {"visual.patch_embed.proj.weight": (d, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)}
-    mlp = {"fc1": (m, d), "fc2": (d, m)} if v.mlp == "fc" else {"gate_proj": (m, d), "up_proj": (m, d),
-                                                                 "down_proj": (d, m)}
+    if v.patch_bias:
+        shapes["visual.patch_embed.proj.bias"] = (d,)
+    if v.num_position_embeddings is not None:
+        shapes["visual.pos_embed.weight"] = (v.num_position_embeddings, d)
+    mlp = {"gated": {"gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m)},
+           "fc": {"fc1": (m, d), "fc2": (d, m)},
+           "linear_fc": {"linear_fc1": (m, d), "linear_fc2": (d, m)}}[v.mlp]
     for i in range(v.depth):
         p = f"visual.blocks.{i}."
         shapes.update({**_norm(v, p + "norm1."), **_norm(v, p + "norm2."),
@@ -52,14 +69,19 @@ def _vision(v: VisionConfig) -> dict[str, tuple[int, ...]]:
                        p + "attn.proj.bias": (d,)})
         for name, shape in mlp.items():
             shapes.update({f"{p}mlp.{name}.weight": shape, f"{p}mlp.{name}.bias": shape[:1]})
-    shapes.update({
-        **_norm(v, "visual.merger.ln_q."),
-        "visual.merger.mlp.0.weight": (merged, merged),
-        "visual.merger.mlp.0.bias": (merged,),
-        "visual.merger.mlp.2.weight": (v.out_hidden_size, merged),
-        "visual.merger.mlp.2.bias": (v.out_hidden_size,),
-    })
+    shapes.update(_merger(v, "visual.merger."))
+    for i in range(len(v.deepstack_visual_indexes)):
+        shapes.update(_merger(v, f"visual.deepstack_merger_list.{i}.", grouped=True))
     return shapes
+
+
+def _merger(v: VisionConfig, p: str, grouped: bool = False) -> dict[str, tuple[int, ...]]:
+    merged = v.hidden_size * v.spatial_merge_size**2
+    fc1, fc2 = (p + "linear_fc1.", p + "linear_fc2.") if v.merger == "linear" else (p + "mlp.0.", p + "mlp.2.")
+    norm = p + ("norm." if v.merger == "linear" else "ln_q.")
+    norm_shapes = {norm + "weight": (merged,), norm + "bias": (merged,)} if grouped else _norm(v, norm)
+    return {**norm_shapes, fc1 + "weight": (merged, merged), fc1 + "bias": (merged,),
+            fc2 + "weight": (v.out_hidden_size, merged), fc2 + "bias": (v.out_hidden_size,)}
 
 
 def _norm(v: VisionConfig, p: str) -> dict[str, tuple[int, ...]]:

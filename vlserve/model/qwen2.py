@@ -1,5 +1,7 @@
-"""The Qwen2 language model (as inside Qwen2.5-VL): GQA with qkv bias, M-RoPE, RMSNorm, SwiGLU; its linear layers
-dense or AWQ 4-bit (the MLP then padded to whole quantization groups per rank, `mlp_width`).
+"""The Qwen2 language model (as inside Qwen2-VL and Qwen2.5-VL): GQA with qkv bias, M-RoPE, RMSNorm, SwiGLU; and
+Qwen3's (inside Qwen3-VL), the same with RMSNorm over each q and k head instead of the bias, interleaved M-RoPE and
+DeepStack (vision features added to the first layers' outputs at the media rows). Its linear layers dense or 4-bit
+AWQ/GPTQ (the MLP then padded to whole quantization groups per rank, `mlp_width`).
 
 Tokens of all sequences in a step are flattened into one (T, hidden) batch; `AttentionMetadata` says where each
 sequence starts. Tensor parallel: one all-reduce after attention and one after the MLP.
@@ -25,16 +27,21 @@ class SelfAttention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                          quant=quant)
+                                          bias=cfg.attention_bias, quant=quant)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, quant=quant)
-        self.rotary = MRotaryEmbedding(d, cfg.rope_theta, cfg.mrope_section)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = MRotaryEmbedding(d, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         a = self.attn
         q, k, v = self.qkv_proj(x).split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim,
                                           a.num_kv_heads * a.head_dim], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, a.num_heads, a.head_dim), k.view(-1, a.num_kv_heads, a.head_dim))
+        q, k = q.view(-1, a.num_heads, a.head_dim), k.view(-1, a.num_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v.view(-1, a.num_kv_heads, a.head_dim), meta)
         return self.o_proj(out.flatten(1))
 
@@ -84,7 +91,11 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for layer in self.layers.values():
+                meta: AttentionMetadata, deepstack: torch.Tensor | None = None,
+                media_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`deepstack`: (features, media rows, hidden), feature i added to layer i's output at `media_rows`."""
+        for i, layer in zip(self.layer_ids, self.layers.values()):
             x, residual = layer(x, residual, positions, meta)
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x.index_add(0, media_rows, deepstack[i].to(x.dtype))  # the layer's output is x + residual
         return x, residual

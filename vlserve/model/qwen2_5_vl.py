@@ -1,7 +1,10 @@
-"""Qwen2.5-VL for generation: the vision tower feeds embeddings into the language model's token stream.
+"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL for generation: the vision tower feeds embeddings into the language model's
+token stream (the config's flags pick each family's parts: config.py).
 
 Also serves plain Qwen2 text checkpoints (no vision tower). The forward pass takes flattened tokens plus, for
-the media pad tokens among them, the vision embeddings in order, so a prompt can be split across steps.
+the media pad tokens among them, the vision embeddings in order, so a prompt can be split across steps. A media
+token's embedding row is `VisionConfig.embed_width` wide: the token's input embedding, then (Qwen3-VL) one
+DeepStack feature per early layer, which every pipeline stage holding such a layer adds at the media rows.
 """
 
 import re
@@ -80,8 +83,15 @@ class Qwen2_5_VLForCausalLM(nn.Module):
             raise InvalidRequestError(f"the batch holds {media_rows.numel()} image/video pad tokens but "
                                       f"{media_embeds.shape[0]} media embeddings were given; each pad token needs "
                                       "one embedding row")
-        x[media_rows] = media_embeds.to(x.dtype)
+        x[media_rows] = media_embeds[:, :self.cfg.hidden_size].to(x.dtype)
         return x
+
+    def deepstack(self, media_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """(features, media rows, hidden): the DeepStack part of the media embeddings, None without it."""
+        h = self.cfg.hidden_size
+        if media_embeds is None or media_embeds.shape[1] == h:
+            return None
+        return media_embeds[:, h:].view(media_embeds.shape[0], -1, h).transpose(0, 1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 media_embeds: torch.Tensor | None = None, media_rows: torch.Tensor | None = None,
@@ -92,7 +102,7 @@ class Qwen2_5_VLForCausalLM(nn.Module):
             x, residual = self.embed(input_ids, media_embeds, media_rows), None
         else:
             x, residual = intermediate
-        x, residual = self.model(x, residual, positions, meta)
+        x, residual = self.model(x, residual, positions, meta, self.deepstack(media_embeds), media_rows)
         if not self.stage.is_last:
             return x, residual
         return self.model.norm(x, residual)[0]

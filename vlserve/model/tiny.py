@@ -1,5 +1,5 @@
-"""`vlserve make-tiny`: a small random-weight Qwen2.5-VL (or Qwen2-VL, or text-only Qwen2) checkpoint in Hugging
-Face format.
+"""`vlserve make-tiny`: a small random-weight Qwen2.5-VL (or Qwen2-VL, Qwen3-VL, or text-only Qwen2) checkpoint in
+Hugging Face format.
 
 The layout (names, config fields, tokenizer, chat template) is the real one, so the same loader, processor and
 transformers itself read it; only the sizes are small. Tests never download weights: they use this.
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlserve.config import RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
+from vlserve.config import FAMILIES, RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
 from vlserve.errors import ConfigError
 from vlserve.model.layers import awq, gptq
-from vlserve.model.layout import checkpoint_shapes
+from vlserve.model.layout import checkpoint_shapes, hub_name
 from vlserve.model.quantization import is_quantized_weight
 
 # The official Qwen2.5-VL chat template (system default, images and videos inside user turns).
@@ -56,7 +56,9 @@ class TinySpec:
     vision_intermediate_size: int = 96
     fullatt_block_indexes: tuple[int, ...] = (1, 3)
     text_only: bool = False  # a plain Qwen2ForCausalLM checkpoint
-    family: str = "qwen2.5-vl"  # or "qwen2-vl" (FAMILIES)
+    family: str = "qwen2.5-vl"  # or "qwen2-vl", "qwen3-vl" (FAMILIES)
+    head_dim: int = 0  # Qwen3-VL: > 0 sets config's head_dim apart from hidden_size / heads
+    deepstack_visual_indexes: tuple[int, ...] = (1, 2)  # Qwen3-VL: vision blocks feeding the first LM layers
     awq_group: int = 0  # > 0: the language model's linear layers in AWQ 4-bit, groups of this many inputs
     gptq_group: int = 0  # > 0: ... in GPTQ 4-bit (without act-order, the original format)
     gptq_sym: bool = False  # GPTQ symmetric (every zero point 8)
@@ -66,8 +68,6 @@ class TinySpec:
     max_position_embeddings: int = 32768
 
 
-FAMILIES = {"qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "Qwen2_5_VLProcessor"),
-            "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLProcessor")}
 FILE_MODE, FOLDER_MODE = 0o644, 0o755
 DEMO_SPEC = TinySpec(max_position_embeddings=8192)  # the KV cache of 256 sequences of 8,192 tokens: 1 GiB (CPU)
 
@@ -91,7 +91,8 @@ def write_model_files(out: Path, raw: dict, multimodal: bool = True) -> None:
     _write_tokenizer(out)
     if multimodal:
         processor = next((cls for a, _, cls in FAMILIES.values() if a in raw["architectures"]), "Qwen2_5_VLProcessor")
-        (out / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR_CONFIG, "processor_class": processor},
+        preprocessor = QWEN3_PREPROCESSOR_CONFIG if processor == "Qwen3VLProcessor" else PREPROCESSOR_CONFIG
+        (out / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "processor_class": processor},
                                                                  indent=2))
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
@@ -157,6 +158,8 @@ def tiny_config(spec: TinySpec) -> dict:
                                       "desc_act": False, "sym": spec.gptq_sym, "checkpoint_format": "gptq"}
     if spec.text_only:
         return raw
+    if spec.family == "qwen3-vl":
+        return _qwen3_config(spec, raw, [head_dim // 2 - 2 * t, t, t] if not spec.head_dim else None)
     raw.update({
         "rope_scaling": {"type": "mrope", "mrope_section": [head_dim // 2 - 2 * t, t, t]},
         "vision_start_token_id": 151652,
@@ -192,6 +195,47 @@ def _qwen2_vision(spec: TinySpec) -> dict:
             "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
             "temporal_patch_size": 2}
 
+
+def _qwen3_config(spec: TinySpec, raw: dict, mrope_section: list[int] | None) -> dict:
+    """Qwen3-VL's config.json: the language model's fields nested under text_config (q/k norm, no qkv bias,
+    head_dim, interleaved M-RoPE), its vision tower's under vision_config."""
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+    pairs = head_dim // 2
+    if mrope_section is None:  # the real [24, 20, 20] of 64 pairs, scaled
+        hw = pairs * 20 // 64
+        mrope_section = [pairs - 2 * hw, hw, hw]
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+                 "eos_token_id", "tie_word_embeddings")
+    text = {key: raw.pop(key) for key in text_keys}
+    text.update({"model_type": "qwen3_vl_text", "head_dim": head_dim, "attention_bias": False,
+                 "rope_theta": 5000000.0, "dtype": spec.dtype,
+                 "rope_scaling": {"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True}})
+    raw.pop("rope_theta")
+    raw.pop("use_sliding_window")
+    raw.update({"text_config": text, "tie_word_embeddings": spec.tie_word_embeddings,
+                "vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
+                "video_token_id": 151656,
+                "vision_config": {"model_type": "qwen3_vl", "depth": spec.vision_depth,
+                                  "hidden_size": spec.vision_hidden_size, "hidden_act": "gelu_pytorch_tanh",
+                                  "intermediate_size": spec.vision_intermediate_size, "num_heads": spec.vision_heads,
+                                  "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                                  "temporal_patch_size": 2, "out_hidden_size": spec.hidden_size,
+                                  "num_position_embeddings": 36,
+                                  "deepstack_visual_indexes": list(spec.deepstack_visual_indexes)}})
+    return raw
+
+
+QWEN3_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
 
 PREPROCESSOR_CONFIG = {
     "min_pixels": 3136,
@@ -234,6 +278,7 @@ def _write_weights(out: Path, cfg: ModelConfig, spec: TinySpec) -> None:
                                gptq.quantize(value, spec.gptq_group, spec.gptq_sym)))
         else:
             tensors[name] = value.to(dtype)
+    tensors = {hub_name(name, cfg): value for name, value in tensors.items()}
     names = list(tensors)
     if spec.shards <= 1:
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -125,8 +125,9 @@ def prod(shape: tuple[int, ...]) -> int:
     return n
 
 
-VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1.", "merger.mlp.0.")  # output rows split
-VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "mlp.fc2.weight", "merger.mlp.2.weight")  # columns split
+# output rows split; columns split (linear_fc1/2: Qwen3-VL's blocks, merger and DeepStack mergers)
+VISION_COLUMN = ("attn.qkv.", "mlp.gate_proj.", "mlp.up_proj.", "mlp.fc1.", "merger.mlp.0.", "linear_fc1.")
+VISION_ROW = ("attn.proj.weight", "mlp.down_proj.weight", "mlp.fc2.weight", "merger.mlp.2.weight", "linear_fc2.weight")
 
 
 def quantized(cfg: ModelConfig, name: str) -> QuantConfig | None:
@@ -248,7 +249,12 @@ def vision_peak(cfg: ModelConfig, tp: int, patches: int, split: bool, b: int, fu
     attention = 2 * x + 3 * q + 4 * q  # input, normed, qkv, rotated q and k, output buffer, SDPA output
     mlp = 3 * x + (3 if fused else 4) * n * mlp_width * b  # input, after attention, normed; gate|up, [SiLU,] product
     embed = n * v.patch_dim * b + 2 * x  # pixels cast to the model dtype; patch embedding and its reordering
-    return resident + max(rotary, attention, mlp, embed)
+    # Qwen3-VL: each DeepStack merger's output stays alive from its block on; at the end the merger's output and
+    # all of them are concatenated into each token's embedding row
+    merged = n // v.spatial_merge_size**2 * v.out_hidden_size * b
+    features = len(v.deepstack_visual_indexes) * merged
+    output = x + 2 * (features + merged)
+    return resident + features + max(rotary, attention, mlp, embed, output)
 
 
 def reserve_bytes(on_gpu: bool, world: int, weights: int) -> int:

@@ -19,12 +19,10 @@ class MRotaryEmbedding(nn.Module):
     Text tokens have three equal rows, which is plain RoPE; so decode can pass 1-D positions (`pos + rope_delta`).
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]):
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int], interleaved: bool = False):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta), persistent=False)
-        # row_of_pair[i]: which position row (t=0, h=1, w=2) drives rotary pair i
-        rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(mrope_section)])
-        self.register_buffer("row_of_pair", rows, persistent=False)
+        self.register_buffer("row_of_pair", rows_of_pairs(mrope_section, interleaved), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (L,) or (3, L). Returns cos, sin of shape (L, head_dim)."""
@@ -39,6 +37,18 @@ class MRotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, q.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rows_of_pairs(mrope_section: tuple[int, int, int], interleaved: bool) -> torch.Tensor:
+    """Which position row (t=0, h=1, w=2) drives each rotary pair: three contiguous sections (Qwen2-VL, Qwen2.5-VL),
+    or interleaved t, h, w, t, h, w, ... while the h and w sections last, t for the rest (Qwen3-VL)."""
+    if not interleaved:
+        return torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(mrope_section)])
+    pair = torch.arange(sum(mrope_section))
+    rows = torch.zeros_like(pair)
+    for row in (1, 2):
+        rows[(pair % 3 == row) & (pair < 3 * mrope_section[row])] = row
+    return rows
 
 
 class VisionRotaryEmbedding(nn.Module):
