@@ -1,6 +1,7 @@
 """vlserve beside transformers on the same workloads, the same token ids and the same preprocessed image, in one run.
 
-Both sides build the Qwen2.5-VL layout (7B by default) with random weights on the device; nothing is downloaded.
+Both sides build the Qwen2.5-VL layout (7B by default; --layout qwen3-vl-8b for Qwen3-VL-8B's) with random weights on
+the device; nothing is downloaded.
 Order: the memory bandwidth (for the batch-1 decode roofline), transformers' runs (its model freed after), then
 vlserve's with the whole card. Every figure follows a warm-up; greedy decoding, fixed lengths on both sides.
   decode1     one 512-token prompt, 256 out: decode tok/s after the first token, (out - 1) / (last - first token);
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlserve import LLM
 from vlserve.bench.offline import drive, engine_requests
@@ -32,7 +32,7 @@ from vlserve.config import EngineConfig, ModelConfig
 from vlserve.engine.sampling_params import SamplingParams
 from vlserve.inputs import InputProcessor
 from vlserve.model.tiny import TinySpec, tiny_config, write_model_files
-from vlserve.plan.layouts import layout_config
+from vlserve.plan.layouts import layout_config, qwen3_vl_config
 from vlserve.plan.memory import Weights
 
 WORKLOADS = ("decode1", "throughput", "ttft", "prefill8k")
@@ -44,7 +44,7 @@ PAD_TOKEN_ID = 151643  # <|endoftext|>
 def parse_args(argv, extra=None):
     """compare_hf's options; `extra(parser)` adds a script's own (profile_steps.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layout", choices=("7b", "tiny"), default="7b")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), default="7b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
@@ -71,9 +71,14 @@ def parse_args(argv, extra=None):
     return args
 
 
+# --layout -> config.json
+LAYOUTS = {"7b": lambda: layout_config("7B"), "qwen3-vl-8b": lambda: qwen3_vl_config("8B"),
+           "tiny": lambda: tiny_config(TinySpec()), "qwen3-vl-tiny": lambda: tiny_config(TinySpec(family="qwen3-vl"))}
+
+
 def write_model_folder(layout: str, out: Path) -> Path:
     """config.json, tokenizer, chat template and generation config: all --load-format dummy reads."""
-    write_model_files(out, layout_config("7B") if layout == "7b" else tiny_config(TinySpec()))
+    write_model_files(out, LAYOUTS[layout]())
     return out
 
 
@@ -161,8 +166,8 @@ def hf_generate(model, kwargs: dict, n: int) -> float:
 def run_hf(args, folder: Path, inputs: dict, dtype: torch.dtype, device: torch.device) -> dict:
     cfg = ModelConfig.from_dir(folder)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(transformers.AutoConfig.from_pretrained(folder),
-                                                                dtype=dtype).eval()
+        model_class = getattr(transformers, cfg.architecture)
+        model = model_class._from_config(transformers.AutoConfig.from_pretrained(folder), dtype=dtype).eval()
     results = {}
     with torch.inference_mode():
         for name, (w, _, reqs) in inputs.items():
@@ -267,7 +272,7 @@ def main(argv=None) -> int:
     rows = table(args, ours, theirs, roofline)
     context = {
         "Device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "Date": datetime.date.today().isoformat(), "Layout": f"Qwen2.5-VL-{args.layout}, random weights",
+        "Date": datetime.date.today().isoformat(), "Layout": f"{cfg.architecture} {args.layout}, random weights",
         "Dtype": args.dtype, "torch / transformers": f"{torch.__version__} / {transformers.__version__}",
         "Bandwidth": f"{gbs:.0f} GB/s ({how})",
         "Decode roofline": f"{roofline:.1f} tok/s at batch 1 (weights + KV of {context_tokens} tokens per token)",

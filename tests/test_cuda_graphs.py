@@ -103,6 +103,16 @@ def test_graphs_equal_eager_fp32(tiny_ckpt, batch, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "tiny_awq", "tiny_gptq"])
+def test_graphs_equal_eager_for_each_family(request, family):
+    """Qwen2-VL's and Qwen3-VL's language models (q/k norm, interleaved M-RoPE) and the int4 kernels in graphs."""
+    ckpt = request.getfixturevalue(f"{family}_ckpt")
+    eager, _ = generate(ckpt, "float32", True, PROMPTS[:3], 16)
+    graphs, captured = generate(ckpt, "float32", False, PROMPTS[:3], 16)
+    assert captured and graphs == eager
+
+
+@requires_cuda
 def test_graphs_agree_with_eager_bf16(tiny_ckpt):
     eager, _ = generate(tiny_ckpt, "bfloat16", True, PROMPTS, 16)
     graphs, _ = generate(tiny_ckpt, "bfloat16", False, PROMPTS, 16)

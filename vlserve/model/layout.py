@@ -31,20 +31,19 @@ def hub_name(name: str, cfg: ModelConfig) -> str:
 
 def _decoder_layer(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {
-        p + "self_attn.q_proj.weight": (q, h),
-        p + "self_attn.k_proj.weight": (kv, h),
-        p + "self_attn.v_proj.weight": (kv, h),
+    shapes = {}
+    for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        shapes[f"{p}self_attn.{name}.weight"] = (rows, h)
+        if cfg.attention_bias:
+            shapes[f"{p}self_attn.{name}.bias"] = (rows,)
+    shapes.update({
         p + "self_attn.o_proj.weight": (h, q),
         p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
         p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
         p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
         p + "input_layernorm.weight": (h,),
         p + "post_attention_layernorm.weight": (h,),
-    }
-    if cfg.attention_bias:
-        shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,)})
+    })
     if cfg.qk_norm:
         shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,), p + "self_attn.k_norm.weight": (cfg.head_dim,)})
     return shapes
