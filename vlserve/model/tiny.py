@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlserve.config import FAMILIES, RANDOM_WEIGHTS_KEY, ModelConfig, parse_config
+from vlserve.config import FAMILIES, RANDOM_WEIGHTS_KEY, ModelConfig, VisionConfig, parse_config
 from vlserve.errors import ConfigError
 from vlserve.model.layers import awq, gptq
 from vlserve.model.layout import checkpoint_shapes, hub_name
@@ -91,9 +91,8 @@ def write_model_files(out: Path, raw: dict, multimodal: bool = True) -> None:
     _write_tokenizer(out)
     if multimodal:
         processor = next((cls for a, _, cls in FAMILIES.values() if a in raw["architectures"]), "Qwen2_5_VLProcessor")
-        preprocessor = QWEN3_PREPROCESSOR_CONFIG if processor == "Qwen3VLProcessor" else PREPROCESSOR_CONFIG
-        (out / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "processor_class": processor},
-                                                                 indent=2))
+        vision = parse_config(raw, str(out), out / "config.json").vision
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(vision, processor), indent=2))
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -226,28 +225,16 @@ def _qwen3_config(spec: TinySpec, raw: dict, mrope_section: list[int] | None) ->
     return raw
 
 
-QWEN3_PREPROCESSOR_CONFIG = {
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-    "processor_class": "Qwen3VLProcessor",
-}
-
-PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2_5_VLProcessor",
-}
+def preprocessor_config(vision: VisionConfig, processor: str) -> dict:
+    """preprocessor_config.json as the family's checkpoints have it: the tower's patch geometry and normalization,
+    and the pixel budget in each processor's own keys (qwen-vl-utils' for Qwen2/2.5-VL, Qwen3-VL's size)."""
+    qwen3 = processor == "Qwen3VLProcessor"
+    size = ({"size": {"longest_edge": 16777216, "shortest_edge": 65536}} if qwen3
+            else {"min_pixels": 3136, "max_pixels": 12845056})
+    return {**size, "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+            "merge_size": vision.spatial_merge_size, "image_mean": list(vision.image_mean),
+            "image_std": list(vision.image_std), "processor_class": processor,
+            "image_processor_type": "Qwen2VLImageProcessorFast" if qwen3 else "Qwen2VLImageProcessor"}
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
