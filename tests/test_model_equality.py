@@ -106,3 +106,18 @@ def test_greedy_tokens_equal_generate(family_llm, case):
     prompt = chat_prompt(llm.inputs, CASES[case])
     expected = hf.generate(**hf_inputs(prompt, llm.core.model_config), max_new_tokens=8, do_sample=False)
     assert out.outputs[0].token_ids == expected[0, len(prompt.token_ids):].tolist()
+
+
+def test_prefix_cache_and_chunked_prefill_keep_the_tokens(family_llm, device):
+    """A prompt with an image and a video (Qwen3-VL: one span per frame, each after its timestamp) gives the same
+    tokens served again from the prefix cache, and prefilled 32 tokens a step (spans cut across steps)."""
+    from vlserve import LLM, SamplingParams
+
+    llm, _ = family_llm
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first, again = (llm.chat([CASES["image_and_video"]], params, use_tqdm=False)[0] for _ in range(2))
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    with LLM(llm.core.model_config.path, device=device, dtype="float32", max_model_len=2048, progress=False,
+             max_num_batched_tokens=32, enable_prefix_caching=False) as chunked:
+        out = chunked.chat([CASES["image_and_video"]], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == first.outputs[0].token_ids
