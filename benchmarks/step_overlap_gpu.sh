@@ -9,7 +9,11 @@
 #   trace     one stream's timeline (benchmarks/profile_steps.py --trace-dir, 128 tokens), gzipped into $OUT
 #   memory    benchmarks/memory_model.py: the planner's activation and KV figures against the engine's
 #   serve     256 requests, 512 in / 256 out, through HTTP (streaming) and offline: benchmarks/front_door.py
-# usage: bash benchmarks/step_overlap_gpu.sh [tests] [compare|compare-vlserve] [profile] [serve] [memory] [trace] [base] [profile-base]
+#   int4      benchmarks/int4_gemm.py: the int4 Triton kernels against bf16 F.linear on the 7B layer shapes
+#   quant     benchmarks/quantized_decode.py: the 7B layout dense, AWQ and GPTQ (decode1, throughput)
+#   qwen3     benchmarks/compare_hf.py --layout qwen3-vl-8b (decode1, throughput, ttft; transformers beside)
+# usage: bash benchmarks/step_overlap_gpu.sh [tests] [compare|compare-vlserve] [profile] [serve] [memory] [trace]
+#        [base] [profile-base] [int4] [quant] [qwen3]
 #   (default: tests compare profile)
 set -uo pipefail
 OUT=${OUT:-/tmp/step-overlap-out}
@@ -17,9 +21,10 @@ source benchmarks/gpu_site.sh
 steps=${*:-tests compare profile}
 has() { [[ " $steps " == *" $1 "* ]]; }
 if has tests; then
-  VLSERVE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+  VLSERVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
     tests/test_async_engine.py tests/test_engine.py tests/test_sampler.py tests/test_cuda_graphs.py \
-    tests/test_structured_output.py tests/test_prompt_logprobs.py tests/test_model_equality.py tests/test_quantized.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    tests/test_structured_output.py tests/test_prompt_logprobs.py tests/test_model_equality.py tests/test_quantized.py \
+    tests/test_int4_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if has base; then
   (cd .base && PYTHONPATH="$PWD:/tmp/site" timeout 150 python3 "$OLDPWD/benchmarks/compare_hf.py" --skip-transformers \
@@ -50,6 +55,17 @@ if has trace; then
   timeout 120 python3 benchmarks/profile_steps.py --workloads decode1 --output-len 128 --trace-dir "$OUT/trace" \
     2>&1 | grep -vE "Warning|warn" | tee "$OUT/trace.log" | head -40
   gzip -f "$OUT"/trace/*.json
+fi
+if has int4; then
+  timeout 150 python3 benchmarks/int4_gemm.py --json "$OUT/int4_gemm.json" 2>&1 | grep -vE "Warning|warn" | tail -60
+fi
+if has quant; then
+  timeout 300 python3 benchmarks/quantized_decode.py --json "$OUT/quantized_decode.json" 2>&1 \
+    | grep -vE "Warning|warn" | tail -14
+fi
+if has qwen3; then
+  timeout 280 python3 benchmarks/compare_hf.py --layout qwen3-vl-8b --workloads decode1,throughput,ttft \
+    --json "$OUT/compare_qwen3_vl_8b.json" 2>&1 | grep -vE "Warning|warn" | tail -14
 fi
 has profile-base && profile before .base
 has profile && profile after .

@@ -1,4 +1,4 @@
-"""transformers' Qwen2.5-VL, Qwen2-VL and Qwen3-VL, our correctness reference, and their inputs from the prompts we run."""
+"""transformers' Qwen2.5-VL, Qwen2-VL and Qwen3-VL (our correctness reference) and their inputs from our prompts."""
 
 import base64
 import io

@@ -114,8 +114,17 @@ class LinearBase(nn.Module):
             return gptq.dequantize(self.qweight, self.qzeros, self.scales, self.quant.zero_offset).t()
         return awq.dequantize(self.qweight, self.qzeros, self.scales).t()
 
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W (+ bias). A 4-bit layer on CUDA reads its packed weight in Triton kernels (whose tiles divide a group
+        of a multiple of 16); the CPU computes through the dequantized dense weight."""
+        if self.quant is not None and x.is_cuda and self.quant.group_size % 16 == 0:
+            from vlserve.kernels.int4_matmul_triton import int4_linear
+            return int4_linear(x, self.qweight, self.qzeros, self.scales, bias, self.quant.method,
+                               self.quant.group_size, self.quant.zero_offset)
+        return F.linear(x, self.dense_weight(), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+        return self._matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -217,6 +226,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.dense_weight(), self.bias)
-        y = tp_all_reduce(F.linear(x, self.dense_weight()))
+            return self._matmul(x, self.bias)
+        y = tp_all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
