@@ -27,22 +27,32 @@ def run(llm) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_ckpt):
-    return run(LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1))
+def one_process(request):
+    """The one-process results of each checkpoint, computed once."""
+    results = {}
+
+    def of(name: str):
+        if name not in results:
+            ckpt = request.getfixturevalue(f"{name}_ckpt")
+            results[name] = run(LLM(str(ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1))
+        return results[name]
+    return of
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (2, 2)])
-def test_weights_mode_equals_one_process(tiny_ckpt, one_process, tp, pp):
-    """With two stages the second holds no tower and skips the vision step."""
-    llm = LLM(str(tiny_ckpt), device="cpu", progress=False, kv_cache_memory_gib=0.1, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, mm_encoder_tp_mode="weights")
+@pytest.mark.parametrize("name, tp, pp", [("tiny", 2, 1), ("tiny", 2, 2), ("qwen3_vl", 2, 1)])
+def test_weights_mode_equals_one_process(request, one_process, name, tp, pp):
+    """With two stages the second holds no tower and skips the vision step. Qwen3-VL: its DeepStack mergers split
+    too (their output in each embedding row)."""
+    expected = one_process(name)
+    llm = LLM(str(request.getfixturevalue(f"{name}_ckpt")), device="cpu", progress=False, kv_cache_memory_gib=0.1,
+              tensor_parallel_size=tp, pipeline_parallel_size=pp, mm_encoder_tp_mode="weights")
     try:
         assert llm.core.runner.runner.model.visual.blocks[0].attn.heads == 2  # 4 heads split over 2 ranks
         tokens, embeds = run(llm)
-        assert tokens == one_process[0]
-        assert embeds.keys() == one_process[1].keys() and len(embeds) == 4  # 3 images and the video
-        for key, expected in one_process[1].items():
-            torch.testing.assert_close(embeds[key], expected, rtol=1e-5, atol=1e-5)
+        assert tokens == expected[0]
+        assert embeds.keys() == expected[1].keys() and len(embeds) == 4  # 3 images and the video
+        for key, value in expected[1].items():
+            torch.testing.assert_close(embeds[key], value, rtol=1e-5, atol=1e-5)
         bm = llm.core.block_manager
         assert bm.num_free_blocks == bm.num_blocks
     finally:
