@@ -112,3 +112,23 @@ def test_every_flag_shows_its_default_in_help():
             if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.help != argparse.SUPPRESS:
                 shown = a.default if not isinstance(a.default, (list, tuple)) else list(a.default)
                 assert f"default: {shown}" in text or "(default:" in (a.help or ""), (name, a.option_strings)
+
+
+def test_encoder_budget_defaults_to_the_largest_image(tiny_ckpt, qwen3_vl_ckpt):
+    """--max-num-encoder-tokens unset: the tokens of the largest image max_pixels allows (what the profiling step
+    encodes), in each checkpoint's patch geometry; text-only models have none; 0 is refused, naming the flag."""
+    import argparse
+    from dataclasses import replace
+
+    from vlserve.args import add_engine_args, engine_config
+    from vlserve.media.options import MediaOptions
+
+    for ckpt, side in ((tiny_ckpt, 28), (qwen3_vl_ckpt, 32)):
+        cfg = ModelConfig.from_dir(ckpt)
+        assert EngineConfig(model=str(ckpt)).encoder_tokens(cfg) == (int(MediaOptions().max_pixels ** 0.5) // side) ** 2
+        assert EngineConfig(model=str(ckpt), max_num_encoder_tokens=900).encoder_tokens(cfg) == 900
+        assert EngineConfig(model=str(ckpt)).encoder_tokens(replace(cfg, vision=None)) is None
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    with pytest.raises(ConfigError, match="--max-num-encoder-tokens"):
+        engine_config(p.parse_args(["--max-num-encoder-tokens", "0"]), str(tiny_ckpt))

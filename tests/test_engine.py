@@ -31,6 +31,7 @@ SETTINGS = {
     "few_seats": {"max_num_seqs": 3},
     "preemption": {"num_gpu_blocks_override": 40, "max_num_seqs": 8},  # 40 x 16 tokens: not all 8 fit at once
     "no_prefix_cache": {"enable_prefix_caching": False, "max_num_batched_tokens": 48},
+    "encoder_budget": {"max_num_encoder_tokens": 8},  # every image is larger: one image (or video) a step
 }
 
 

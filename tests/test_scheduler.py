@@ -20,7 +20,9 @@ BS = 16
 
 
 def make_seq(tokens, max_tokens=4, request_id="r", media=()):
-    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2), h, merge_size=2), start, end) for h, start, end in media]
+    """media: (content hash, first pad, end) of each image, its media tokens the pads between."""
+    spans = [MediaSpan(MediaItem("image", torch.zeros(4, 1), (1, 2, 2 * (end - start)), h, merge_size=2), start, end)
+             for h, start, end in media]
     params = SamplingParams(max_tokens=max_tokens)
     return Sequence(request_id, list(tokens), params, media=spans, max_tokens=max_tokens)
 
@@ -166,6 +168,62 @@ def test_prompt_not_split_without_chunked_prefill():
     assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(first, 1), (big, 500), (small, 10)]
 
 
+def image_seq(request_id: str, before: int, image: int, after: int = 2, tag: str = "img", max_tokens: int = 4):
+    """`before` text tokens, an image of `image` media tokens, `after` text tokens."""
+    base = 100 * len(request_id)
+    tokens = [base + i for i in range(before)] + [7] * image + [base + 50 + i for i in range(after)]
+    return make_seq(tokens, max_tokens, request_id, [(f"{tag}-{request_id}", before, before + image)])
+
+
+def test_encoder_budget_holds_an_image_for_a_later_step():
+    """Two 80-token images under a budget of 100: the second request's text runs, its image waits a step, while
+    the first keeps decoding."""
+    sched = make_scheduler(max_num_encoder_tokens=100)
+    a, b = image_seq("a", 10, 80), image_seq("bb", 10, 80)
+    for seq in (a, b):
+        sched.add(seq)
+    model = FakeModel(sched)
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(a, 92), (b, 10)]
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(a, 1), (b, 82)]
+    assert sched.encoder_left == 20
+
+
+def test_a_larger_image_runs_alone_and_text_is_never_held():
+    sched = make_scheduler(max_num_encoder_tokens=50)
+    big, text, small = image_seq("a", 4, 120), make_seq(range(300, 320), request_id="t"), image_seq("cc", 4, 10)
+    for seq in (big, text, small):
+        sched.add(seq)
+    model = FakeModel(sched)
+    # the untouched budget takes the 120-token image; text-only prompts pass; the small image waits
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(big, 126), (text, 20), (small, 4)]
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(big, 1), (text, 1), (small, 12)]
+
+
+def test_encoder_budget_without_chunked_prefill_admits_whole_prompts():
+    sched = make_scheduler(chunked=False, max_num_batched_tokens=1024, max_num_encoder_tokens=50)
+    two = make_seq(list(range(4)) + [7] * 60 + [8, 9], 4, "a", [("x", 4, 34), ("y", 34, 64)])
+    other = image_seq("bb", 4, 10)
+    for seq in (two, other):
+        sched.add(seq)
+    model = FakeModel(sched)
+    assert [s.seq for s in model.step().scheduled] == [two]  # 60 media tokens at once; the next prompt waits whole
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(two, 1), (other, 16)]
+
+
+def test_a_cached_prefix_ending_inside_an_image_charges_the_image():
+    """The rows after the cached blocks need the whole image's embeddings again."""
+    sched = make_scheduler(max_num_encoder_tokens=100)
+    first = image_seq("a", 10, 30, tag="same")
+    sched.add(first)
+    model = FakeModel(sched)
+    while not first.is_finished:
+        model.step()
+    again = image_seq("a", 10, 30, tag="same")
+    sched.add(again)
+    (chunk,) = model.step().scheduled
+    assert chunk.start == 32 and sched.encoder_left == 70  # 2 blocks cached, the image (pads 10-40) re-encoded
+
+
 def test_max_num_seqs():
     sched = make_scheduler(max_num_seqs=3)
     for i in range(10):
@@ -244,7 +302,8 @@ def test_random_load_finishes_everything(chunked, prefix, lag):
     rng = random.Random(f"{chunked}{prefix}{lag}")
     budget = 64 if chunked else 256
     sched = make_scheduler(num_blocks=40, chunked=chunked, prefix=prefix, max_num_seqs=8,
-                           max_num_batched_tokens=budget, max_model_len=256, async_scheduling=bool(lag))
+                           max_num_batched_tokens=budget, max_model_len=256, async_scheduling=bool(lag),
+                           max_num_encoder_tokens=20)  # one image of 16 media tokens a step
     system = list(range(3000, 3040))  # a shared system prompt, then one of two images with identical pad tokens
     stop = {1000 + k for k in range(0, 50, 17)} if lag else set()
     model, added = FakeModel(sched, lag, stop), []

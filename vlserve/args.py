@@ -65,6 +65,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    f"or weights (its heads and MLP split over the ranks) (default {EngineConfig.mm_encoder_tp_mode}; "
                    "unset, vlserve takes the one that leaves the larger KV cache, as `vlserve plan` shows)")
     g.add_argument("--vision-cache-mib", type=int, default=512, help="encoded images kept for reuse across turns")
+    g.add_argument("--max-num-encoder-tokens", type=int,
+                   help="media tokens whose images and videos one step may encode (the encoder budget: prefill "
+                   "chunks stop before the item that would pass it, so decodes keep their pace while large images "
+                   "arrive; default: the largest image's tokens, what memory profiling encodes)")
     g.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4, "video": 1}\'')
     g.add_argument("--mm-processor-kwargs", default=None,
                    help='JSON preprocessing defaults, e.g. \'{"max_pixels": 1003520, "fps": 1}\' (max_pixels '
@@ -126,6 +130,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill, block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
         num_gpu_blocks_override=args.num_gpu_blocks_override, vision_cache_mib=args.vision_cache_mib,
+        max_num_encoder_tokens=args.max_num_encoder_tokens,
         distributed_executor_backend=args.distributed_executor_backend, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         pp_layer_partition=int_list("--pp-layer-partition", args.pp_layer_partition, "layer counts", "10,10,8"),

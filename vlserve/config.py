@@ -13,7 +13,7 @@ from typing import Any
 
 from vlserve.errors import ConfigError
 from vlserve.media.fetch import MediaPolicy
-from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions
+from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions, grid_tokens
 
 # The model registry: the architecture picks the vision tower's parts and the video rules (VISION_PARSERS) and the
 # language model's (TEXT_FEATURES); one model class (qwen2_5_vl.py) builds all of them from the flags
@@ -333,10 +333,14 @@ class SchedulerConfig:
     # Schedule a sequence again while its last step is in flight (its new token still on the device). Only where
     # the steps run in order on one stream: a later step's KV writes then come after an earlier step's.
     async_scheduling: bool = False
+    # Media tokens whose images/videos a step may encode (the encoder budget); None: no limit (text-only models)
+    max_num_encoder_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_encoder_tokens"):
             value = getattr(self, name)
+            if name == "max_num_encoder_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -384,6 +388,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # GPU: fraction of the card's memory vlserve may use in total
     num_gpu_blocks_override: int | None = None
     vision_cache_mib: int = 512  # encoded images/videos kept for reuse (multi-turn chats)
+    # media tokens (one per merged patch group) whose items one step may encode; None: the largest image's, what the
+    # profiling step encodes (a single larger item, a long video, still runs alone)
+    max_num_encoder_tokens: int | None = None
     limit_mm_per_prompt: tuple[tuple[str, int], ...] = (("image", 16), ("video", 4))
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -422,6 +429,7 @@ class EngineConfig:
         positive("--kv-cache-memory-gib", self.kv_cache_memory_gib, allow_none=True)
         positive("--num-gpu-blocks-override", self.num_gpu_blocks_override, allow_none=True)
         positive("--vision-cache-mib", self.vision_cache_mib)
+        positive("--max-num-encoder-tokens", self.max_num_encoder_tokens, allow_none=True)
         positive("--tensor-parallel-size", self.tensor_parallel_size)
         positive("--pipeline-parallel-size", self.pipeline_parallel_size)
         partition = self.pp_layer_partition
@@ -459,6 +467,13 @@ class EngineConfig:
     def model_len(self, model_cfg: ModelConfig) -> int:
         """Prompt plus output tokens per sequence: --max-model-len, else what the model was trained for."""
         return self.max_model_len or model_cfg.max_position_embeddings
+
+    def encoder_tokens(self, model_cfg: ModelConfig) -> int | None:
+        """--max-num-encoder-tokens, or its default: the tokens of the largest image the media options allow."""
+        if self.max_num_encoder_tokens or model_cfg.vision is None:
+            return self.max_num_encoder_tokens
+        options = self.media.for_vision(model_cfg.vision)
+        return grid_tokens(options.largest_image_grid(), options.merge_size)
 
     def batched_tokens(self, max_model_len: int) -> int:
         """--max-num-batched-tokens, or its default: 8192 per step; a whole prompt when prefill is not chunked."""

@@ -45,6 +45,7 @@ class EngineCore:
             max_num_batched_tokens=config.batched_tokens(self.max_model_len),
             max_model_len=self.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            max_num_encoder_tokens=config.encoder_tokens(self.model_config),
         )
         torch.manual_seed(config.seed)
         plan = check_before_loading(self.model_config, config, self.device)  # the planner's checks, no weights

@@ -10,6 +10,13 @@ that reaches the sequence's last token samples one: `schedule` counts it in num_
 appends it (`token_arrived`) and calls `finish` on each sequence that is done. `abort` and `finish` run between
 steps.
 
+The encoder budget (--max-num-encoder-tokens): a chunk whose pads begin a media item the step cannot encode within
+the budget's remaining media tokens stops before that item (its text before it still runs); the item waits for a
+later step. An item is encoded in the step of its first pad (a Qwen3-VL video: its first frame's span), or in a
+sequence's first chunk when a cached prefix ends inside it; its later chunks cost nothing. A step that has encoded
+nothing yet takes one item of any size, so none waits forever. Running sequences' chunks are charged first, in
+their order, then newcomers'. Without chunked prefill a prompt's items go together or wait.
+
 A sequence whose step is not back yet is `in_flight`. Under async scheduling (one stream: steps run in the order
 they are launched) it is scheduled again at once, its pending token read on the device, and may be preempted: a
 later step's writes to its freed blocks come after the earlier step's. Under pipeline parallel (stages in several
@@ -67,6 +74,7 @@ class Scheduler:
         self.num_preemptions = 0  # total, for metrics
         self.departed: list[int] = []  # reported by the next schedule
         self.rows_left = cfg.max_num_seqs  # logits rows the step being scheduled may still compute
+        self.encoder_left = cfg.max_num_encoder_tokens  # media tokens it may still encode (None: no limit)
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +97,7 @@ class Scheduler:
         stage); the seat limit, --max-num-seqs, counts every running sequence, in flight or not."""
         out = SchedulerOutput()
         budget, short_of_blocks = self.cfg.max_num_batched_tokens, False
+        self.encoder_left = self.cfg.max_num_encoder_tokens
         max_seqs = max_seqs or self.cfg.max_num_seqs
         # Logits rows: one a sampling sequence, one a prompt logprob; at most --max-num-seqs, as memory was sized
         self.rows_left = self.cfg.max_num_seqs
@@ -100,8 +109,9 @@ class Scheduler:
             if self._done_after_pending(seq):
                 continue  # its pending token is its last: nothing more to compute
             num_new = self._rows_cap(seq, min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget))
+            num_new = self._encoder_cap(seq, seq.num_computed_tokens, num_new)
             if not num_new:
-                continue  # its prompt logprobs' rows do not fit this step
+                continue  # its prompt logprobs' rows, or its next image, do not fit this step
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
                 short_of_blocks = True  # seq preempted itself, or the newest is in flight and cannot make room
                 break
@@ -118,7 +128,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._run(seq, *chunk, out)
+            self._run(seq, *chunk, out, first=True)
             budget -= chunk[1]
         if out.scheduled:  # the runner hears of departures with the next step it runs (an empty one is not run)
             out.departed, self.departed = self.departed, []
@@ -158,7 +168,7 @@ class Scheduler:
         if seq.num_pending_tokens:
             return None  # preempted while its last token was in flight: it recomputes once the token is here
         cached = self.block_manager.cached_prefix_len(seq)
-        num_new = self._rows_cap(seq, min(seq.num_tokens - cached, budget))
+        num_new = self._encoder_cap(seq, cached, self._rows_cap(seq, min(seq.num_tokens - cached, budget)), True)
         if not num_new:
             return None
         if num_new < seq.num_tokens - cached and not self.cfg.enable_chunked_prefill:
@@ -170,7 +180,35 @@ class Scheduler:
         step's; 0 when none are left. Chunked prefill is on: the input processor refuses the case without it."""
         return min(num_new, max(0, self.rows_left - 1)) if seq.owes_prompt_logprobs else num_new
 
-    def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput) -> None:
+    def _encoder_cap(self, seq: Sequence, start: int, num_new: int, first: bool = False) -> int:
+        """num_new, cut before the first media item the chunk would encode that the step's encoder budget cannot
+        take (see the module docstring); 0 when the whole prompt must run at once (no chunked prefill) and its
+        items do not fit. `first`: the sequence's first chunk (after any cached prefix)."""
+        left = self.encoder_left
+        if left is None:
+            return num_new
+        items = self._items_encoded(seq, start, start + num_new, first)
+        if not self.cfg.enable_chunked_prefill:
+            items = [(start, sum(cost for _, cost in items))] if items else []
+        for at, cost in items:
+            if cost > left and left < self.cfg.max_num_encoder_tokens:
+                return at - start  # the item waits (a budget untouched takes one item of any size)
+            left -= cost
+        return num_new
+
+    @staticmethod
+    def _items_encoded(seq: Sequence, start: int, end: int, first: bool) -> list[tuple[int, int]]:
+        """(first pad in the chunk, media tokens) of each item the chunk [start, end) encodes: those whose first pad
+        lies in it and, in a first chunk, one a cached prefix cut through (its rows are needed again)."""
+        items = {}
+        for span in seq.media:
+            if span.start < end and start < span.end and (first or span.offset == 0 and span.start >= start):
+                items.setdefault(id(span.item), (max(start, span.start), span.item.num_tokens))
+        return list(items.values())
+
+    def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput, first: bool = False) -> None:
+        if self.encoder_left is not None:
+            self.encoder_left -= sum(cost for _, cost in self._items_encoded(seq, start, start + num_new, first))
         self.block_manager.allocate(seq, start + num_new)
         seq.num_computed_tokens = start + num_new
         self.block_manager.mark_computed(seq)

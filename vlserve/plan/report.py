@@ -9,8 +9,8 @@ from vlserve.media.options import MediaOptions
 from vlserve.plan.memory import GIB, image_tokens
 from vlserve.plan.planner import Candidate, Plan
 
-PASSED_ON = ("block_size", "vision_cache_mib", "num_gpu_blocks_override", "enable_prefix_caching",
-             "enable_chunked_prefill", "limit_mm_per_prompt", "distributed_executor_backend")
+PASSED_ON = ("block_size", "vision_cache_mib", "max_num_encoder_tokens", "num_gpu_blocks_override",
+             "enable_prefix_caching", "enable_chunked_prefill", "limit_mm_per_prompt", "distributed_executor_backend")
 
 
 def serve_command(plan: Plan) -> str:
