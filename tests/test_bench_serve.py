@@ -125,3 +125,16 @@ def test_bad_flags_exit_2(capsys, args):
 def test_bad_base_url_exits_2(capsys):
     code, _, err = bench(capsys, "127.0.0.1:8000", "--num-prompts", "1")
     assert code == 2 and "must start with http://" in err
+
+
+def test_mixed_load_compares_the_streams_alone_and_during_the_workload(server, tmp_path, capsys):
+    """Text streams decode alone, then while image chats arrive (sent once every stream has its first token)."""
+    code, out, _ = bench(capsys, server, "--num-prompts", "3", "--input-len", "8", "--output-len", "2",
+                         "--image-size", "56x56", "--background-streams", "2", "--background-output-len", "64",
+                         "--json", str(tmp_path / "m.json"))
+    assert code == 0 and figure(out, "Requests") == 3
+    assert re.search(r"^Mixed load: 2 text streams of 64 tokens \(0 failed\)", out, re.M)
+    m = json.loads((tmp_path / "m.json").read_text())["mixed_load"]
+    assert m["itl_alone_ms"]["p99"] > 0 and m["itl_during_workload_ms"]["p99"] > 0
+    assert m["itl_p99_ratio"] == pytest.approx(m["itl_during_workload_ms"]["p99"] / m["itl_alone_ms"]["p99"])
+    wait_all_blocks_free(server)

@@ -155,6 +155,12 @@ def add_bench_serve(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds one request may take before it counts as failed")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    p.add_argument("--background-streams", type=int, metavar="N",
+                   help="mixed load: N text streams decode alone, then while the workload arrives; their "
+                   "inter-token latency is reported both ways")
+    p.add_argument("--background-output-len", type=int, default=512,
+                   help="with --background-streams: tokens each stream generates (long enough to outlast the "
+                   "workload)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     add_workload_args(p)
     p.set_defaults(func=run_bench_serve)
@@ -168,6 +174,7 @@ def run_bench_serve(args) -> None:
         base_url=args.base_url, api_key=args.api_key or api_key_from_env(), model=args.model,
         tokenizer=args.tokenizer, endpoint=args.endpoint, concurrency=args.concurrency,
         request_rate=args.request_rate, request_timeout_s=args.request_timeout,
+        background_streams=args.background_streams, background_output_len=args.background_output_len,
     )
     workload = workload_from_args(args)
     check_json_path(args.json)

@@ -21,6 +21,7 @@ class RequestTiming:
     ttft: float  # seconds from submission to the first output token
     latency: float  # seconds from submission to the last output token
     itl: tuple[float, ...] = ()  # gaps between streamed chunks (serving only; a chunk may carry several tokens)
+    chunk_times: tuple[float, ...] = ()  # time.monotonic() of each streamed content chunk (serving only)
 
     @property
     def tpot(self) -> float | None:
@@ -84,15 +85,15 @@ def summarize(timings: list[RequestTiming], elapsed_s: float, prefix_cache_hit_r
 def report(title: str, context: dict[str, str], s: BenchSummary) -> str:
     """The human-readable table; `context` (model, device, ...) goes on top. Requests are the successful ones."""
     failed = [] if s.failed_requests is None else [("Failed requests", s.failed_requests)]
-    itl = [] if s.itl_ms is None else [("ITL (ms)", _row(s.itl_ms))]
+    itl = [] if s.itl_ms is None else [("ITL (ms)", percentile_row(s.itl_ms))]
     rows = [*context.items(),
             ("Requests", s.num_requests), *failed, ("Prompt tokens", s.prompt_tokens),
             ("Output tokens", s.output_tokens), ("Elapsed (s)", f"{s.elapsed_s:.2f}"),
             ("Requests/s", f"{s.requests_per_s:.2f}"), ("Output tok/s", f"{s.output_tokens_per_s:.1f}"),
             ("Total tok/s", f"{s.total_tokens_per_s:.1f}"),
             ("", f"{'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}"),
-            ("TTFT (ms)", _row(s.ttft_ms)), ("TPOT (ms)", _row(s.tpot_ms)), *itl,
-            ("E2E latency (ms)", _row(s.e2e_latency_ms))]
+            ("TTFT (ms)", percentile_row(s.ttft_ms)), ("TPOT (ms)", percentile_row(s.tpot_ms)), *itl,
+            ("E2E latency (ms)", percentile_row(s.e2e_latency_ms))]
     if s.prefix_cache_hit_rate is not None:
         rows.append(("Prefix cache hit rate", f"{s.prefix_cache_hit_rate:.1%}"))
     if s.preemptions is not None:
@@ -102,7 +103,7 @@ def report(title: str, context: dict[str, str], s: BenchSummary) -> str:
     return "\n".join(lines)
 
 
-def _row(p: Percentiles | None) -> str:
+def percentile_row(p: Percentiles | None) -> str:
     return "n/a" if p is None else f"{p.mean:9.2f} {p.p50:9.2f} {p.p90:9.2f} {p.p99:9.2f}"
 
 
