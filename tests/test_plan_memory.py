@@ -123,6 +123,20 @@ def peak_allocated_bytes(fn) -> int:
     return peak
 
 
+@pytest.mark.parametrize("fixture, dtype", [("tiny_awq", torch.float32), ("tiny_gptq", torch.bfloat16)])
+def test_the_cpu_dequantize_peaks_where_the_planner_says(request, fixture, dtype):
+    """The plain-torch path's transient copies of the largest 4-bit layer (its merged gate|up), measured."""
+    from vlserve.config import ModelConfig
+    from vlserve.plan.memory import dequantize_peak
+
+    cfg = ModelConfig.from_dir(request.getfixturevalue(f"{fixture}_ckpt"))
+    with default_dtype(dtype):
+        model = Qwen2_5_VLForCausalLM(cfg)
+    layer = model.model.layers["0"].mlp.gate_up_proj
+    assert peak_allocated_bytes(layer.dense_weight) == dequantize_peak(cfg, 1, dtype.itemsize)
+    assert dequantize_peak(parse_config(layout_config("7B"), "7B", Path("config.json")), 1, 2) == 0
+
+
 @pytest.mark.parametrize("rows, vocab", [(8, 151_936), (64, 20_000), (1, 152_064), (100, 152_064), (160, 152_064)])
 def test_the_samplers_worst_case_peaks_where_the_planner_says(rows, vocab):
     sample_worst_case(rows, vocab, torch.device("cpu"))  # warm: one-time allocations stay out of the count

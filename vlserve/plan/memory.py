@@ -215,7 +215,21 @@ def language_peak(cfg: ModelConfig, tp: int, stage: Stage, t: int, b: int, fused
     mlp = (3 if fused else 4) * t * (cfg.intermediate_size // tp) * b  # gate|up, [SiLU(gate),] SiLU(gate) * up
     # RMSNorm's output (the fused kernel adds into the residual in place), or its fp32 copies and the residual sum
     norm = hidden if fused else (2 if b < 4 else 1) * t * h * 4 + hidden
-    return resident + max(attention, mlp, norm)
+    # a 4-bit layer: the GPU's kernels read it packed; the CPU dequantizes it for its matmul
+    dequantize = 0 if fused else dequantize_peak(cfg, tp, b)
+    return resident + max(attention, mlp, norm, dequantize)
+
+
+def dequantize_peak(cfg: ModelConfig, tp: int, b: int) -> int:
+    """The plain-torch path's transient bytes for a rank's largest 4-bit layer (gate|up: hidden x 2 MLP widths):
+    two int32 copies of the weight (unpacked weights and zero points), or one and two in the model's dtype (the
+    converted weight and the scales spread over it), whichever is more (layers/awq.py, layers/gptq.py); plus the
+    zero points of each group unpacked. 0 for a dense model."""
+    quant = readable(cfg.quantization)
+    if quant is None:
+        return 0
+    weights = cfg.hidden_size * 2 * (mlp_width(cfg, tp) // tp)
+    return max(8 * weights + 4 * weights // quant.group_size, (4 + 2 * b) * weights)
 
 
 def logits_peak(cfg: ModelConfig, tp: int, rows: int, b: int) -> int:

@@ -27,15 +27,16 @@ def pack(values: torch.Tensor) -> torch.Tensor:
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack`: (rows, n) int32 -> (rows, 8n) int32 in [0, 16)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed[:, :, None] >> shifts) & 0xF
+    nibbles = (packed[:, :, None] >> shifts).bitwise_and_(0xF)
     return nibbles[:, :, list(AWQ_REVERSE)].reshape(packed.shape[0], -1)
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The (in, out) weight in the scales' dtype, as AutoAWQ computes it: (q - z) * s."""
+    """The (in, out) weight in the scales' dtype, as AutoAWQ computes it: (q - z) * s. In place where it can:
+    at most two int32 copies of the weight alive at once (DEQUANTIZE_PEAK)."""
     group = qweight.shape[0] // scales.shape[0]
-    q, z = unpack(qweight), unpack(qzeros).repeat_interleave(group, dim=0)
-    return (q - z).to(scales.dtype) * scales.repeat_interleave(group, dim=0)
+    q = unpack(qweight).sub_(unpack(qzeros).repeat_interleave(group, dim=0))
+    return q.to(scales.dtype).mul_(scales.repeat_interleave(group, dim=0))
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def pack_cols(values: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)[:, None]
-    return ((packed[:, None, :] >> shifts) & 0xF).reshape(-1, packed.shape[1])
+    return (packed[:, None, :] >> shifts).bitwise_and_(0xF).reshape(-1, packed.shape[1])
 
 
 def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,11 @@ def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, zero_offset: int) -> torch.Tensor:
-    """The (in, out) weight in the scales' dtype."""
+    """The (in, out) weight in the scales' dtype. In place where it can: at most two int32 copies of the weight
+    alive at once (DEQUANTIZE_PEAK)."""
     group = qweight.shape[0] * PACK // scales.shape[0]
-    z = (unpack_cols(qzeros) + zero_offset).repeat_interleave(group, dim=0)
-    return (unpack_rows(qweight) - z).to(scales.dtype) * scales.repeat_interleave(group, dim=0)
+    q = unpack_rows(qweight).sub_((unpack_cols(qzeros) + zero_offset).repeat_interleave(group, dim=0))
+    return q.to(scales.dtype).mul_(scales.repeat_interleave(group, dim=0))
 
 
 def quantize(weight: torch.Tensor, group: int, sym: bool = False, zero_offset: int = 1) -> tuple[torch.Tensor, ...]:
