@@ -77,6 +77,25 @@ def test_inconsistent_fields_name_file_and_field(tmp_path, change, field):
     assert "config.json" in str(e.value) and field in str(e.value)
 
 
+QWEN3 = tiny_config(TinySpec(family="qwen3-vl"))
+
+
+@pytest.mark.parametrize("vision, text, field", [
+    ({"num_position_embeddings": 35}, {}, "vision_config.num_position_embeddings"),  # not a square grid
+    ({"num_position_embeddings": None}, {}, "vision_config.num_position_embeddings"),
+    ({"deepstack_visual_indexes": [1, 9]}, {}, "vision_config.deepstack_visual_indexes"),  # past the tower
+    ({"deepstack_visual_indexes": [0, 1, 2]}, {}, "vision_config.deepstack_visual_indexes"),  # more than 2 layers
+    ({}, {"head_dim": 0}, "head_dim"),
+    ({}, {"head_dim": 32}, "mrope_section"),  # 16 rotary pairs, the sections sum to 8
+])
+def test_qwen3_vl_fields_are_checked(tmp_path, vision, text, field):
+    raw = {**QWEN3, "vision_config": {**QWEN3["vision_config"], **vision}, "text_config": {**QWEN3["text_config"],
+                                                                                         **text}}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dir(write(tmp_path, raw))
+    assert "config.json" in str(e.value) and field in str(e.value)
+
+
 def test_dtype_rules():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
