@@ -210,6 +210,20 @@ def test_encoder_budget_without_chunked_prefill_admits_whole_prompts():
     assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(two, 1), (other, 16)]
 
 
+def test_images_in_the_vision_cache_or_already_in_the_step_cost_nothing():
+    """The same picture in two requests is encoded once a step; one the runner's vision cache holds, never."""
+    cfg = SchedulerConfig(max_model_len=1024, max_num_encoder_tokens=100)
+    sched = Scheduler(cfg, BlockManager(64, BS, False), encoded=lambda content_hash: content_hash == "img-cached")
+    a, b, cached, c = (image_seq("a", 4, 80, tag="same"), image_seq("b", 4, 80, tag="same"),
+                       image_seq("cached", 4, 80), image_seq("cc", 4, 80))
+    b.media[0].item = a.media[0].item  # one picture: one content hash
+    for seq in (a, b, cached, c):
+        sched.add(seq)
+    model = FakeModel(sched)
+    assert [(s.seq, s.num_new_tokens) for s in model.step().scheduled] == [(a, 86), (b, 86), (cached, 86), (c, 4)]
+    assert sched.encoder_left == 20
+
+
 def test_a_cached_prefix_ending_inside_an_image_charges_the_image():
     """The rows after the cached blocks need the whole image's embeddings again."""
     sched = make_scheduler(max_num_encoder_tokens=100)

@@ -59,7 +59,7 @@ class EngineCore:
             self.runner.shutdown()
             raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, self.runner.vision_cache.__contains__)
         self.in_flight: deque = deque()  # (scheduled, runner handle) of batches submitted, oldest first
         # Steps in flight at most: one per pipeline stage, or the one running and the next under async scheduling
         self.depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else 1 + self.async_scheduling

@@ -42,6 +42,9 @@ class VisionCache:
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
         if value is not None:

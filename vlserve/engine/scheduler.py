@@ -13,9 +13,10 @@ steps.
 The encoder budget (--max-num-encoder-tokens): a chunk whose pads begin a media item the step cannot encode within
 the budget's remaining media tokens stops before that item (its text before it still runs); the item waits for a
 later step. An item is encoded in the step of its first pad (a Qwen3-VL video: its first frame's span), or in a
-sequence's first chunk when a cached prefix ends inside it; its later chunks cost nothing. A step that has encoded
-nothing yet takes one item of any size, so none waits forever. Running sequences' chunks are charged first, in
-their order, then newcomers'. Without chunked prefill a prompt's items go together or wait.
+sequence's first chunk when a cached prefix ends inside it; its later chunks cost nothing, and so does an item the
+runner's vision cache holds or the step already encodes for another sequence. A step that has encoded nothing yet
+takes one item of any size, so none waits forever. Running sequences' chunks are charged first, in their order,
+then newcomers'. Without chunked prefill a prompt's items go together or wait.
 
 A sequence whose step is not back yet is `in_flight`. Under async scheduling (one stream: steps run in the order
 they are launched) it is scheduled again at once, its pending token read on the device, and may be preempted: a
@@ -26,6 +27,7 @@ output: its next token mask needs its last token on the host).
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlserve.config import SchedulerConfig
@@ -64,9 +66,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager,
+                 encoded: Callable[[str], bool] = lambda content_hash: False):
+        """`encoded`: whether the runner's vision cache holds an item's embeddings (then it costs no budget)."""
         self.cfg = cfg
         self.block_manager = block_manager
+        self.encoded = encoded
         self.waiting: deque[Sequence] = deque()
         # Oldest first. Appending on admission keeps that order: a preempted sequence was the newest running one
         # and returns at the head of the queue, so nothing newer can be admitted before it.
@@ -75,6 +80,7 @@ class Scheduler:
         self.departed: list[int] = []  # reported by the next schedule
         self.rows_left = cfg.max_num_seqs  # logits rows the step being scheduled may still compute
         self.encoder_left = cfg.max_num_encoder_tokens  # media tokens it may still encode (None: no limit)
+        self.encoding: set[str] = set()  # content hashes the step being scheduled encodes
 
     @property
     def num_waiting(self) -> int:
@@ -97,7 +103,7 @@ class Scheduler:
         stage); the seat limit, --max-num-seqs, counts every running sequence, in flight or not."""
         out = SchedulerOutput()
         budget, short_of_blocks = self.cfg.max_num_batched_tokens, False
-        self.encoder_left = self.cfg.max_num_encoder_tokens
+        self.encoder_left, self.encoding = self.cfg.max_num_encoder_tokens, set()
         max_seqs = max_seqs or self.cfg.max_num_seqs
         # Logits rows: one a sampling sequence, one a prompt logprob; at most --max-num-seqs, as memory was sized
         self.rows_left = self.cfg.max_num_seqs
@@ -187,7 +193,7 @@ class Scheduler:
         left = self.encoder_left
         if left is None:
             return num_new
-        items = self._items_encoded(seq, start, start + num_new, first)
+        items = list(self._items_encoded(seq, start, start + num_new, first).values())
         if not self.cfg.enable_chunked_prefill:
             items = [(start, sum(cost for _, cost in items))] if items else []
         for at, cost in items:
@@ -196,19 +202,23 @@ class Scheduler:
             left -= cost
         return num_new
 
-    @staticmethod
-    def _items_encoded(seq: Sequence, start: int, end: int, first: bool) -> list[tuple[int, int]]:
-        """(first pad in the chunk, media tokens) of each item the chunk [start, end) encodes: those whose first pad
-        lies in it and, in a first chunk, one a cached prefix cut through (its rows are needed again)."""
+    def _items_encoded(self, seq: Sequence, start: int, end: int, first: bool) -> dict[str, tuple[int, int]]:
+        """content hash -> (first pad in the chunk, media tokens) of each item the chunk [start, end) encodes: those
+        whose first pad lies in it and, in a first chunk, one a cached prefix cut through (its rows are needed
+        again); not those in the vision cache or already encoded by the step."""
         items = {}
         for span in seq.media:
             if span.start < end and start < span.end and (first or span.offset == 0 and span.start >= start):
-                items.setdefault(id(span.item), (max(start, span.start), span.item.num_tokens))
-        return list(items.values())
+                key = span.content_hash
+                if key not in self.encoding and not self.encoded(key):
+                    items.setdefault(key, (max(start, span.start), span.item.num_tokens))
+        return items
 
     def _run(self, seq: Sequence, start: int, num_new: int, out: SchedulerOutput, first: bool = False) -> None:
         if self.encoder_left is not None:
-            self.encoder_left -= sum(cost for _, cost in self._items_encoded(seq, start, start + num_new, first))
+            items = self._items_encoded(seq, start, start + num_new, first)
+            self.encoder_left -= sum(cost for _, cost in items.values())
+            self.encoding.update(items)
         self.block_manager.allocate(seq, start + num_new)
         seq.num_computed_tokens = start + num_new
         self.block_manager.mark_computed(seq)
