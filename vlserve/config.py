@@ -15,8 +15,9 @@ from vlserve.errors import ConfigError
 from vlserve.media.fetch import MediaPolicy
 from vlserve.media.options import CLIP_MEAN, CLIP_STD, MediaOptions, grid_tokens
 
-# The model registry: the architecture picks the vision tower's parts and the video rules (VISION_PARSERS) and the
-# language model's (TEXT_FEATURES); one model class (qwen2_5_vl.py) builds all of them from the flags
+# The model registry: the architecture picks the vision tower's parts and the video rules (_parse_vision) and the
+# language model's (parse_config: q/k norm, attention bias, interleaved M-RoPE); one model class (qwen2_5_vl.py)
+# builds all of them from the flags
 VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                     "Qwen3VLForConditionalGeneration")
 QWEN3_VL = "Qwen3VLForConditionalGeneration"

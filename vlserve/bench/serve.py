@@ -191,8 +191,7 @@ async def mixed_load(client: httpx.AsyncClient, cfg: ServeBench, bodies: list[di
     end = time.monotonic()
     mixed, mixed_errors = await streams
     gaps_alone = [gap for t in alone for gap in t.itl]
-    gaps_mixed = [t.chunk_times[i + 1] - t.chunk_times[i] for t in mixed for i in range(len(t.chunk_times) - 1)
-                  if start <= t.chunk_times[i + 1] <= end]
+    gaps_mixed = [gap for t in mixed for gap, landed in zip(t.itl, t.chunk_times[1:]) if start <= landed <= end]
     figures = {"streams": len(background), "stream_output_len": cfg.background_output_len,
                "failed_streams": len(alone_errors) + len(mixed_errors),
                "itl_alone_ms": percentiles_ms(gaps_alone), "itl_during_workload_ms": percentiles_ms(gaps_mixed)}
@@ -258,8 +257,8 @@ def arrival_gaps(n: int, rate: float | None, seed: int) -> np.ndarray:
 async def stream_request(client: httpx.AsyncClient, path: str, body: dict,
                          on_first: Callable[[], object] | None = None) -> RequestTiming:
     start = time.monotonic()
-    first = last = end = None
-    gaps, times, usage = [], [], None
+    first = end = None
+    times, usage = [], None
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise RequestFailed(f"HTTP {r.status_code}: {error_message((await r.aread()).decode(errors='replace'))}")
@@ -280,17 +279,13 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict,
                     first = now
                     if on_first:
                         on_first()
-                else:
-                    gaps.append(now - last)
-                last = now
                 times.append(now)
     if usage is None or end is None:
         raise RequestFailed("the stream ended without output or without a usage chunk (the server must honour "
                             "stream_options.include_usage)")
     # No visible text at all (e.g. only special tokens): the first token is known to have come by the end.
     ttft = (first if first is not None else end) - start
-    return RequestTiming(usage["prompt_tokens"], usage["completion_tokens"], ttft, end - start, tuple(gaps),
-                         tuple(times))
+    return RequestTiming(usage["prompt_tokens"], usage["completion_tokens"], ttft, end - start, tuple(times))
 
 
 def parse_chunk(data: str) -> dict:

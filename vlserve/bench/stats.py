@@ -20,8 +20,12 @@ class RequestTiming:
     output_tokens: int
     ttft: float  # seconds from submission to the first output token
     latency: float  # seconds from submission to the last output token
-    itl: tuple[float, ...] = ()  # gaps between streamed chunks (serving only; a chunk may carry several tokens)
     chunk_times: tuple[float, ...] = ()  # time.monotonic() of each streamed content chunk (serving only)
+
+    @property
+    def itl(self) -> tuple[float, ...]:
+        """Gaps between streamed chunks (a chunk may carry several tokens)."""
+        return tuple(b - a for a, b in zip(self.chunk_times, self.chunk_times[1:]))
 
     @property
     def tpot(self) -> float | None:

@@ -31,7 +31,6 @@ from vlserve.media.options import MediaOptions
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # the Pillow decoders clients may use (JPEG covers MPO)
 
 
-
 def smart_resize(
     height: int,
     width: int,

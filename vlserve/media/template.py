@@ -147,7 +147,8 @@ def expand_media_tokens(token_ids: list[int], media: list[MediaItem], cfg: Model
 
     Qwen3-VL's videos (`VisionConfig.timestamps`) become, as its processor writes them, one run per temporal patch:
     `<1.5 seconds><|vision_start|>` pads `<|vision_end|>` for each, in place of the placeholder's own
-    `<|vision_start|>` ... `<|vision_end|>` (the timestamp tokenized alone, as vLLM does; `tokenizer` needed)."""
+    `<|vision_start|>` ... `<|vision_end|>`; the first timestamp tokenized with the text before it, as the processor
+    does (`_append_text`), the others alone (`tokenizer` needed)."""
     pads = {cfg.image_token_id, cfg.video_token_id} if cfg.is_multimodal else set()
     items, expanded, spans, skip = iter(media), [], [], None
     for t in token_ids:

@@ -52,9 +52,9 @@ def init_dummy_weights(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         # seeded by name: the same values on every run, and on every rank or stage that holds the tensor
         gen = torch.Generator(param.device).manual_seed(zlib.crc32(name.encode()))
-        if not param.dtype.is_floating_point:  # AWQ's packed weights and zero points: any bits
+        if not param.dtype.is_floating_point:  # 4-bit packed weights, zero points (and GPTQ's g_idx): any bits
             param.random_(generator=gen)
-        elif name.endswith(".scales"):  # AWQ: (q - z) spans about +-8, so std 1/sqrt(fan_in) over it
+        elif name.endswith(".scales"):  # 4-bit: (q - z) spans about +-8, so std 1/sqrt(fan_in) over it
             param.uniform_(0.5, 1.0, generator=gen).mul_((param.shape[0] * model_group(model)) ** -0.5 / 5)
         elif param.dim() == 1 and "bias" not in name:  # RMS/LayerNorm weights
             param.normal_(1.0, 0.1, generator=gen)

@@ -54,11 +54,10 @@ def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> Vi
         sizes.append(torch.tensor([h, w]).expand(t * h * w, 2))
         full.extend([h * w] * t)
     hw_positions = torch.cat(positions)
-    if cfg.num_position_embeddings is not None:
-        taps = grid_taps(hw_positions, torch.cat(sizes), math.isqrt(cfg.num_position_embeddings))
-        return VisionLayout(hw_positions, None, AttentionMetadata.from_lengths(full), None, taps)
+    taps = None if cfg.num_position_embeddings is None else grid_taps(
+        hw_positions, torch.cat(sizes), math.isqrt(cfg.num_position_embeddings))
     if cfg.window_size is None:
-        return VisionLayout(hw_positions, None, AttentionMetadata.from_lengths(full), None)
+        return VisionLayout(hw_positions, None, AttentionMetadata.from_lengths(full), None, taps)
     win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens
     for t, h, w in grid_thw:
         gh, gw = h // m, w // m
@@ -71,7 +70,7 @@ def vision_layout(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig) -> Vi
                     window.append(ids.numel() * m * m)
         offset += t * gh * gw
     return VisionLayout(hw_positions, torch.cat(order), AttentionMetadata.from_lengths(full),
-                        AttentionMetadata.from_lengths(window))
+                        AttentionMetadata.from_lengths(window), taps)
 
 
 def grid_taps(hw_positions: torch.Tensor, sizes: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:

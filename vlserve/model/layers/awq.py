@@ -33,7 +33,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The (in, out) weight in the scales' dtype, as AutoAWQ computes it: (q - z) * s. In place where it can:
-    at most two int32 copies of the weight alive at once (DEQUANTIZE_PEAK)."""
+    at most two int32 copies of the weight alive at once (plan/memory.py dequantize_peak)."""
     group = qweight.shape[0] // scales.shape[0]
     q = unpack(qweight).sub_(unpack(qzeros).repeat_interleave(group, dim=0))
     return q.to(scales.dtype).mul_(scales.repeat_interleave(group, dim=0))

@@ -38,7 +38,7 @@ def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, zero_offset: int) -> torch.Tensor:
     """The (in, out) weight in the scales' dtype. In place where it can: at most two int32 copies of the weight
-    alive at once (DEQUANTIZE_PEAK)."""
+    alive at once (plan/memory.py dequantize_peak)."""
     group = qweight.shape[0] * PACK // scales.shape[0]
     q = unpack_rows(qweight).sub_((unpack_cols(qzeros) + zero_offset).repeat_interleave(group, dim=0))
     return q.to(scales.dtype).mul_(scales.repeat_interleave(group, dim=0))
