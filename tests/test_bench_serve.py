@@ -102,6 +102,8 @@ def test_failed_requests_are_counted_and_shown(server, tmp_path, capsys):
     (["--model", "nope"], "--model 'nope' is not served there"),
     (["--endpoint", "completions", "--image-size", "56x56"], "/v1/completions takes text only"),
     (["--concurrency", "0"], "--concurrency must be a positive number"),
+    (["--background-streams", "0"], "--background-streams must be a positive number"),
+    (["--background-streams", "2", "--background-output-len", "0"], "--background-output-len must be a positive"),
     (["--json", "/no/such/folder/r.json"], "its folder does not exist"),
 ])
 def test_bad_settings_exit_2(server, capsys, args, message):
