@@ -13,7 +13,7 @@ Split programs write fp32 partial sums that a second kernel adds in a fixed orde
 and rounding to x's dtype; unsplit programs write y themselves. Block sizes and splits come from the shapes alone
 (plain Python: no autotuning, no host sync), so a CUDA graph captures the calls.
 
-Measured on an H100 (benchmarks/int4_gemm.py, group 128, CUDA-graph replays with the weights overflowing L2):
+Seen on an H100 while tuning (an earlier block-size pick; no committed result yet, see docs/benchmarks.md):
 batch 1, the 7B's four projections together run 1.65x (AWQ) and 1.8x (GPTQ) faster than bf16 F.linear, the big
 ones at 1.3 to 1.6 TB/s of packed weight, the small ones (qkv, o) held back by the second kernel and the launch;
 the tl.dot path is slower than bf16 (0.5x to 0.9x at M 2 to 16, 0.3x at M 1024 to 4096): its dequantization,
